@@ -1,0 +1,161 @@
+"""Training configuration: one dataclass that is the CLI, the YAML file and the record of a run.
+
+Precedence: dataclass defaults < `--config file.yaml` < command-line flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTIN_DATASETS = ("breast_cancer", "digits", "wine", "iris", "diabetes")
+SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
+
+
+class ConfigError(ValueError):
+    """A bad option or config file; reported as a one-line message."""
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = _opt("breast_cancer", "built-in scikit-learn dataset, used when --data is not given",
+                        choices=BUILTIN_DATASETS)
+    data: str | None = _opt(None, "CSV or Parquet file to train on (needs --target)")
+    target: str | None = _opt(None, "target column of --data")
+    features: list[str] | None = _opt(None, "comma-separated feature columns (default: all but the target)")
+    task: str = _opt("auto", "auto infers it from the target", choices=("auto", "classification", "regression"))
+    val_size: float = _opt(0.15, "share of rows held out for validation (early stopping)")
+    test_size: float = _opt(0.15, "share of rows held out for the final test metrics")
+    seed: int = _opt(0, "seed for the split, the weights and the batch order")
+    # recipe: each part can be switched off for ablation
+    normalize: bool = _opt(True, "standardize inputs with a StandardScaler fitted on the training split")
+    batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
+    hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths")
+    dropout: float = _opt(0.0, "dropout after each hidden block (0 = none)")
+    optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"))
+    lr: float = _opt(3e-3, "learning rate (the peak rate for one-cycle)")
+    weight_decay: float = _opt(1e-4, "weight decay")
+    scheduler: str = _opt("onecycle", "learning-rate schedule", choices=SCHEDULERS)
+    epochs: int = _opt(60, "maximum number of epochs")
+    batch_size: int = _opt(64, "rows per optimizer step")
+    patience: int = _opt(15, "stop after this many epochs without a better validation metric (0 = never)")
+    # run
+    device: str = _opt("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
+    name: str | None = _opt(None, "model name (default: the dataset or file name)")
+    models_dir: str = _opt("models", "where models/<name>/<version>/ is written")
+    resume: bool = _opt(False, "continue the interrupted run of this model from its last checkpoint")
+    store: bool = _opt(True, "also save the model in the BentoML model store as <name>:<version>")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def __post_init__(self):
+        self.hidden = [int(w) for w in self.hidden]
+        if self.data and not self.target:
+            raise ConfigError("--data needs --target: name the column to predict")
+        if not 0 < self.val_size < 1 or not 0 < self.test_size < 1 or self.val_size + self.test_size >= 1:
+            raise ConfigError("--val-size and --test-size must be in (0, 1) and add up to less than 1")
+        for ok, message in [(self.epochs >= 1, "--epochs must be at least 1"),
+                            (self.batch_size >= 2, "--batch-size must be at least 2 (BatchNorm)"),
+                            (self.hidden and min(self.hidden) >= 1, "--hidden widths must be >= 1"),
+                            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+                            (self.lr > 0, "--lr must be positive"),
+                            (self.patience >= 0, "--patience must be >= 0")]:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def model_name(self) -> str:
+        raw = self.name or (Path(self.data).stem if self.data else self.dataset)
+        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in raw.lower()).strip("-_.")
+        return name or "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields that define what is trained: a checkpoint made under other values cannot be resumed.
+RUN_DEFINING = ("dataset", "data", "target", "features", "task", "val_size", "test_size", "seed",
+                "normalize", "batchnorm", "hidden", "dropout", "optimizer", "lr", "weight_decay",
+                "scheduler", "epochs", "batch_size")
+
+
+def _list_of(kind):
+    def parse(text: str):
+        try:
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.fit",
+        description="Train a normalized BatchNorm network on a table and export it, with its "
+                    "normalization, to ONNX (models/<name>/<version>/) and the BentoML model store.")
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of defaults; flags override it")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+            kw["help"] += f" (default: {f.default})"
+        else:
+            kw["type"] = {"int": int, "float": float, "list[int]": _list_of(int),
+                          "list[str] | None": _list_of(str)}.get(f.type, str)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+            if f.default is not None:
+                default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+                kw["help"] += f" (default: {default})"
+        parser.add_argument(flag, **kw)
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Parse flags over an optional YAML file over the defaults."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    if path := args.pop("config", None):
+        values = read_yaml(path)
+    values.update(args)
+    return make_config(values)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def make_config(values: dict[str, Any]) -> Config:
+    known = {f.name for f in dataclasses.fields(Config)}
+    if unknown := sorted(set(values) - known):
+        raise ConfigError(f"unknown option(s) in config: {', '.join(unknown)}")
+    if isinstance(values.get("hidden"), str):
+        values["hidden"] = _list_of(int)(values["hidden"])
+    if isinstance(values.get("features"), str):
+        values["features"] = _list_of(str)(values["features"])
+    for f in dataclasses.fields(Config):
+        caster = {"int": int, "float": float}.get(f.type)
+        if caster and f.name in values:
+            try:
+                values[f.name] = caster(values[f.name])
+            except (TypeError, ValueError):
+                raise ConfigError(f"option {f.name} must be a number, got {values[f.name]!r}") from None
+    try:
+        return Config(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None

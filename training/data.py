@@ -1,0 +1,210 @@
+"""Load a table (built-in or a user's CSV/Parquet), check it, and split it train/validation/test.
+
+Built-in datasets go through the same path as user files: they are turned into a DataFrame first.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn import datasets as skdatasets
+from sklearn.model_selection import train_test_split
+
+MAX_CLASSES_FROM_NUMBERS = 20  # an integer-valued target with more distinct values is a regression
+
+
+class DataError(ValueError):
+    """The user's data cannot be trained on; the message says why, in one line."""
+
+
+@dataclass
+class Table:
+    """Features and target, checked and encoded: X float64, y class indices (int64) or values (float64)."""
+    X: np.ndarray
+    y: np.ndarray
+    feature_names: list[str]
+    task: str                   # "classification" | "regression"
+    classes: list | None        # class labels in the data's own values; y indexes into it
+    source: str
+    dropped_rows: int = 0       # rows dropped because their target was missing
+
+
+@dataclass
+class Split:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    stratified: bool
+
+
+def load_builtin(name: str) -> tuple[pd.DataFrame, str]:
+    """A scikit-learn dataset that ships with the package (no download), as a frame with a `target` column."""
+    loader = getattr(skdatasets, f"load_{name}", None)
+    if loader is None:
+        raise DataError(f"unknown built-in dataset {name!r}")
+    bunch = loader(as_frame=True)
+    frame = bunch.frame.copy()
+    names = getattr(bunch, "target_names", None)
+    if name != "diabetes" and names is not None:  # classification: use the label names, not 0..k-1
+        frame["target"] = np.asarray(names)[frame["target"].to_numpy()]
+        if name == "digits":
+            frame["target"] = frame["target"].astype(int)
+    return frame, "target"
+
+
+def read_table(path: str) -> pd.DataFrame:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {path}")
+    if p.is_dir():
+        raise DataError(f"{path} is a directory; expected a CSV or Parquet file")
+    if p.stat().st_size == 0:
+        raise DataError(f"{path} is empty")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(p)
+        elif suffix in (".csv", ".txt", ".tsv"):
+            frame = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
+        else:
+            raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv or .parquet")
+    except DataError:
+        raise
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text") from None
+    except Exception as e:  # pandas/pyarrow raise many kinds; the first line names the problem
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read {path}: {first}") from None
+    if frame.columns.duplicated().any():
+        dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
+        raise DataError(f"{path}: duplicate column names: {', '.join(map(str, dupes))}")
+    if frame.empty:
+        raise DataError(f"{path} has no data rows")
+    return frame
+
+
+def _names(columns, limit: int = 8) -> str:
+    columns = [str(c) for c in columns]
+    more = f", ... ({len(columns) - limit} more)" if len(columns) > limit else ""
+    return ", ".join(columns[:limit]) + more
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def infer_task(y: pd.Series) -> str:
+    if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
+        return "classification"
+    values = y.to_numpy(dtype=float)
+    if np.all(np.mod(values, 1) == 0) and len(np.unique(values)) <= MAX_CLASSES_FROM_NUMBERS:
+        return "classification"
+    return "regression"
+
+
+def _json_label(v):
+    """A class label as a plain JSON value (numpy scalars are not JSON)."""
+    if isinstance(v, (np.bool_, bool)):
+        return bool(v)
+    if isinstance(v, (np.integer, int)):
+        return int(v)
+    if isinstance(v, (np.floating, float)):
+        return int(v) if float(v).is_integer() else float(v)
+    return str(v)
+
+
+def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task: str,
+             source: str) -> Table:
+    """Check the frame and encode it; every problem is a DataError naming the columns."""
+    if target not in frame.columns:
+        raise DataError(f"target column {target!r} not found; columns are: {_names(frame.columns)}")
+    if features:
+        if unknown := [f for f in features if f not in frame.columns]:
+            raise DataError(f"feature column(s) not found: {_names(unknown)}; "
+                            f"columns are: {_names(frame.columns)}")
+        if target in features:
+            raise DataError(f"the target {target!r} is also listed as a feature")
+    else:
+        features = [c for c in frame.columns if c != target]
+    if not features:
+        raise DataError("no feature columns: the table has only the target")
+
+    missing_target = frame[target].isna()
+    dropped = int(missing_target.sum())
+    frame = frame.loc[~missing_target]
+    if frame.empty:
+        raise DataError(f"every row's target {target!r} is missing")
+
+    X_frame = frame[features]
+    if bad := [c for c in features if not pd.api.types.is_numeric_dtype(X_frame[c])
+               or pd.api.types.is_bool_dtype(X_frame[c])]:
+        raise DataError(f"feature column(s) are not numeric: {_names(bad)}; "
+                        "drop them with --features or encode them as numbers")
+    X = X_frame.to_numpy(dtype=np.float64)
+    if (nan := np.isnan(X).sum(axis=0)).any():
+        cols = [f"{c} ({_rows(n)})" for c, n in zip(features, nan) if n]
+        raise DataError(f"feature column(s) have missing values: {_names(cols)}; fill or drop them")
+    if (inf := np.isinf(X).sum(axis=0)).any():
+        cols = [f"{c} ({_rows(n)})" for c, n in zip(features, inf) if n]
+        raise DataError(f"feature column(s) have infinite values: {_names(cols)}")
+    if np.abs(X).max() > np.finfo(np.float32).max:
+        raise DataError("feature values exceed the float32 range the model computes in")
+
+    y_raw = frame[target]
+    task = infer_task(y_raw) if task == "auto" else task
+    if task == "classification":
+        codes, uniques = pd.factorize(y_raw, sort=True)
+        classes = [_json_label(v) for v in uniques]
+        if len(classes) < 2:
+            raise DataError(f"target {target!r} has a single class ({classes[0]!r}); "
+                            "classification needs at least two")
+        y = codes.astype(np.int64)
+    else:
+        if not pd.api.types.is_numeric_dtype(y_raw) or pd.api.types.is_bool_dtype(y_raw):
+            raise DataError(f"target {target!r} is not numeric, so it cannot be a regression target")
+        y = y_raw.to_numpy(dtype=np.float64)
+        if not np.isfinite(y).all():
+            raise DataError(f"target {target!r} has infinite values")
+        if np.ptp(y) == 0:
+            raise DataError(f"target {target!r} is constant; there is nothing to learn")
+        classes = None
+    return Table(X, y, [str(f) for f in features], task, classes, source, dropped)
+
+
+def load_table(cfg) -> Table:
+    """The table a config names: --data FILE --target COL, else the built-in --dataset."""
+    if cfg.data:
+        frame, target, source = read_table(cfg.data), cfg.target, cfg.data
+    else:
+        frame, target = load_builtin(cfg.dataset)
+        source = f"sklearn:{cfg.dataset}"
+    return to_table(frame, target, cfg.features, cfg.task, source)
+
+
+def split_table(table: Table, val_size: float, test_size: float, seed: int) -> Split:
+    """Seeded train/validation/test split, stratified for classification where every class allows it."""
+    n = len(table.y)
+    n_test, n_val = int(np.ceil(n * test_size)), int(np.ceil(n * val_size))
+    if n - n_test - n_val < 2:
+        need = int(np.ceil(4 / (1 - val_size - test_size)))
+        raise DataError(f"too few rows ({n}) to split into train/validation/test; need at least {need}")
+    stratify = None
+    if table.task == "classification":
+        counts = np.bincount(table.y)
+        # Each class needs a row in every split and at least as many classes as test rows.
+        if counts.min() >= 3 and len(counts) <= min(n_test, n_val):
+            stratify = table.y
+        else:
+            warnings.warn("some classes have fewer than 3 rows, so the split is not stratified")
+    idx = np.arange(n)
+    rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
+    train, val = train_test_split(rest, test_size=n_val, random_state=seed,
+                                  stratify=None if stratify is None else stratify[rest])
+    X, y = table.X, table.y
+    return Split(X[train], y[train], X[val], y[val], X[test], y[test], stratify is not None)

@@ -1,0 +1,144 @@
+"""One epoch of training, evaluation, the learning-rate schedule and checkpoints.
+
+The data sit on the device as whole tensors; a batch is a slice of a random permutation, which
+is several times faster than a per-row DataLoader for tables.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps per epoch; a trailing batch of one row is merged into the one before,
+    since BatchNorm cannot train on a single row."""
+    steps = math.ceil(n / batch_size)
+    return steps - 1 if steps > 1 and n % batch_size == 1 else steps
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=generator).to(device)
+    steps = steps_per_epoch(n, batch_size)
+    bounds = [i * batch_size for i in range(steps)] + [n]
+    return [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class LRSchedule:
+    """A torch scheduler plus the granularity it is stepped at: per optimizer step for one-cycle,
+    per epoch for cosine and step, per epoch on the validation metric for plateau."""
+
+    def __init__(self, name: str, optimizer, lr: float, epochs: int, steps: int, patience: int,
+                 higher_is_better: bool):
+        S = torch.optim.lr_scheduler
+        self.name = name
+        self.per_batch = name == "onecycle"
+        self.scheduler = {
+            "onecycle": lambda: S.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps),
+            "cosine": lambda: S.CosineAnnealingLR(optimizer, T_max=epochs),
+            "step": lambda: S.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1),
+            "plateau": lambda: S.ReduceLROnPlateau(optimizer, mode="max" if higher_is_better else "min",
+                                                   factor=0.5, patience=max(1, patience // 3)),
+            "none": lambda: None,
+        }[name]()
+
+    def after_batch(self):
+        if self.per_batch:
+            self.scheduler.step()
+
+    def after_epoch(self, val_metric: float):
+        if self.name == "plateau":
+            self.scheduler.step(val_metric)
+        elif self.scheduler is not None and not self.per_batch:
+            self.scheduler.step()
+
+    @property
+    def steps_taken(self) -> int:
+        return 0 if self.scheduler is None else self.scheduler.last_epoch
+
+    def state_dict(self):
+        return {} if self.scheduler is None else self.scheduler.state_dict()
+
+    def load_state_dict(self, state):
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
+
+
+def loss_fn(task: str):
+    return F.cross_entropy if task == "classification" else lambda out, y: F.mse_loss(out.squeeze(-1), y)
+
+
+def train_one_epoch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str, optimizer,
+                    schedule: LRSchedule, batch_size: int, generator: torch.Generator) -> float:
+    """One pass over (X, y) in random batches; returns the mean training loss."""
+    model.train()
+    compute_loss = loss_fn(task)
+    total, rows = torch.zeros((), device=X.device), 0
+    # bf16 autocast on CUDA: no gradient scaler needed, unlike fp16.
+    with torch.autocast(X.device.type, dtype=torch.bfloat16, enabled=X.device.type == "cuda"):
+        for idx in batch_indices(len(X), batch_size, generator, X.device):
+            loss = compute_loss(model(X[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.after_batch()
+            total += loss.detach() * len(idx)  # stays on the device: no sync per batch
+            rows += len(idx)
+    return float(total) / rows
+
+
+@torch.no_grad()
+def predict(model: nn.Module, X: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """Eval-mode outputs (logits or standardized regression values) in float32."""
+    model.eval()
+    return torch.cat([model(X[i:i + batch_size]).float() for i in range(0, len(X), batch_size)])
+
+
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
+             y_mean: float = 0.0, y_scale: float = 1.0) -> dict[str, float]:
+    """Loss and metrics; regression metrics are in the target's original units."""
+    out = predict(model, X)
+    loss = float(loss_fn(task)(out, y))
+    if task == "classification":
+        return {"loss": loss, "accuracy": float((out.argmax(-1) == y).float().mean())}
+    pred, true = out.squeeze(-1) * y_scale + y_mean, y * y_scale + y_mean
+    err = pred - true
+    ss_tot = float(((true - true.mean()) ** 2).sum())
+    return {"loss": loss, "rmse": float(err.pow(2).mean().sqrt()), "mae": float(err.abs().mean()),
+            "r2": 1 - float(err.pow(2).sum()) / ss_tot if ss_tot > 0 else 0.0}
+
+
+def monitor(task: str) -> tuple[str, bool]:
+    """The validation metric early stopping watches, and whether higher is better."""
+    return ("accuracy", True) if task == "classification" else ("rmse", False)
+
+
+def is_better(metrics: dict, best: dict | None, task: str) -> bool:
+    """Better on the monitored metric; on a tie (accuracy is coarse), lower validation loss wins."""
+    if best is None:
+        return True
+    name, higher = monitor(task)
+    a, b = metrics[name], best[name]
+    if a != b:
+        return a > b if higher else a < b
+    return metrics["loss"] < best["loss"]
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Written to a temporary file and renamed, so a crash mid-write keeps the previous one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def to_device(arrays, device, dtypes) -> list[torch.Tensor]:
+    return [torch.as_tensor(np.ascontiguousarray(a), dtype=d).to(device) for a, d in zip(arrays, dtypes)]

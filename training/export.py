@@ -1,0 +1,151 @@
+"""Export the eval-mode model, normalization included, to one ONNX graph; prove it; write the artifacts.
+
+Graph: `features` float32 [batch, n_features] (raw values) -> Sub/Div by the training statistics
+-> network -> `probabilities` float32 [batch, n_classes] and `label` int64 [batch] (class index
+into the `classes` metadata), or `prediction` float32 [batch] in the target's units.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+SCHEMA_VERSION = "1"
+INPUT_NAME = "features"
+OUTPUTS = {"classification": ["probabilities", "label"], "regression": ["prediction"]}
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportError(RuntimeError):
+    """Export or its parity check failed; nothing was written."""
+
+
+def export_onnx(model: nn.Module, n_features: int, task: str) -> onnx.ModelProto:
+    """The eval-mode model as an ONNX graph with a dynamic batch axis."""
+    model = model.cpu().eval()
+    if still_training := [name for name, m in model.named_modules() if m.training]:
+        raise ExportError(f"modules still in training mode: {still_training}")
+    example = torch.zeros(2, n_features)  # batch >= 2 so the exporter keeps the axis symbolic
+    # The exporter narrates each pass on stdout; keep the user's terminal for our own progress.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=OUTPUTS[task],
+            dynamic_shapes={"features": {0: torch.export.Dim("batch")}}, verbose=False)
+    return program.model_proto
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
+    """Store each entry as a string (JSON for structures); onnxruntime reads them back through
+    `session.get_modelmeta().custom_metadata_map`."""
+    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    onnx.helper.set_model_props(proto, props)
+
+
+def read_metadata(custom_map: dict[str, str]) -> dict:
+    """Inverse of set_metadata for a metadata map read from onnx or onnxruntime."""
+    out = {}
+    for k, v in custom_map.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def check_parity(proto: onnx.ModelProto, model: nn.Module, X: np.ndarray, task: str) -> dict:
+    """onnxruntime on raw rows vs. the PyTorch model in eval mode, row by row and as one batch."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    with torch.no_grad():
+        expected = model.cpu().eval()(torch.from_numpy(X))
+    expected = expected[0] if task == "classification" else expected
+    expected = expected.numpy()
+    batched = session.run([OUTPUTS[task][0]], {INPUT_NAME: X})[0]
+    singles = np.concatenate([session.run([OUTPUTS[task][0]], {INPUT_NAME: X[i:i + 1]})[0]
+                              for i in range(min(len(X), 32))])
+    diff_batch = float(np.abs(batched - expected).max())
+    diff_single = float(np.abs(singles - expected[:len(singles)]).max())
+    result = {"rows": len(X), "max_abs_diff_batch": diff_batch, "max_abs_diff_single": diff_single,
+              "tolerance": PARITY_TOLERANCE}
+    if task == "regression":  # float32 rounding grows with the target's magnitude
+        result["max_abs_diff_standardized"] = max(diff_batch, diff_single) / float(model.y_scale)
+        worst = result["max_abs_diff_standardized"]
+    else:
+        worst = max(diff_batch, diff_single)
+    result["max_abs_diff"] = worst
+    if not worst <= PARITY_TOLERANCE:
+        raise ExportError(f"ONNX parity failed: max |onnx - torch| = {worst:.3g} > {PARITY_TOLERANCE}")
+    return result
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def plot_curves(history: list[dict], metric: str, path: Path) -> None:
+    """Loss, validation metric and learning rate per epoch, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [h["train_loss"] for h in history], label="train")
+    axes[0].plot(epochs, [h["val_loss"] for h in history], label="validation")
+    axes[0].set(title="loss", xlabel="epoch")
+    axes[0].legend()
+    axes[1].plot(epochs, [h[f"val_{metric}"] for h in history], color="tab:green")
+    axes[1].set(title=f"validation {metric}", xlabel="epoch")
+    axes[2].plot(epochs, [h["lr"] for h in history], color="tab:orange")
+    axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_artifacts(out_dir: Path, proto: onnx.ModelProto, card: dict, config_yaml: str,
+                    history: list[dict], metric: str) -> Path:
+    """Write model.onnx, card.json, config.yaml and curves.png into a temporary folder beside
+    out_dir, then rename it: a crash leaves no half-written model."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        onnx.save(proto, tmp / "model.onnx")
+        card = {**card, "onnx_sha256": sha256(tmp / "model.onnx")}
+        (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        (tmp / "config.yaml").write_text(config_yaml)
+        plot_curves(history, metric, tmp / "curves.png")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_to_bentoml(out_dir: Path, name: str, version: str, task: str) -> str:
+    """Copy the artifacts into the BentoML model store as name:version (under $BENTOML_HOME)."""
+    import bentoml
+    with bentoml.models.create(f"{name}:{version}", labels={"pipeline": "normserve", "task": task},
+                               metadata={"task": task, "source_dir": str(out_dir)}) as ref:
+        for f in out_dir.iterdir():
+            shutil.copy2(f, Path(ref.path) / f.name)
+    return str(ref.tag)

@@ -1,0 +1,244 @@
+"""`python -m training.fit`: train a normalized BatchNorm network on a table and export it to ONNX.
+
+Everything but argument parsing is importable: tests call `run(config)` directly.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+import platform
+import secrets
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from training import engine
+from training.config import RUN_DEFINING, Config, ConfigError, load_config
+from training.data import DataError, Split, Table, load_table, split_table
+from training.export import (INPUT_NAME, OUTPUTS, SCHEMA_VERSION, ExportError, check_parity,
+                             export_onnx, save_to_bentoml, set_metadata, write_artifacts)
+from training.model import TabularNet, fit_normalizer, serving_model
+
+
+@dataclass
+class Result:
+    model_dir: Path
+    tag: str | None
+    card: dict
+    net: TabularNet          # the trained network (best weights, eval mode, on the CPU)
+    split: Split
+    table: Table
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def new_version() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+    import sklearn
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "scikit-learn": sklearn.__version__, "numpy": np.__version__}
+
+
+def checkpoint_path(cfg: Config) -> Path:
+    return Path(cfg.models_dir) / cfg.model_name / "checkpoint.pt"
+
+
+def _resume_state(cfg: Config) -> dict:
+    path = checkpoint_path(cfg)
+    if not path.exists():
+        raise ConfigError(f"--resume: no checkpoint at {path}; start the run without --resume")
+    try:
+        state = engine.load_checkpoint(path)
+    except Exception as e:
+        raise ConfigError(f"--resume: cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+    saved, now = state["config"], cfg.to_dict()
+    if changed := [k for k in RUN_DEFINING if saved.get(k) != now.get(k)]:
+        diffs = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
+        raise ConfigError(f"--resume: checkpoint {path} was made with a different config: {diffs}")
+    return state
+
+
+def run(cfg: Config) -> Result:
+    """Load, split, normalize, train, evaluate, export and save. Raises DataError, ConfigError or
+    ExportError with a one-line message; on any error nothing is written to models/<name>/<version>."""
+    started = time.perf_counter()
+    table = load_table(cfg)
+    split = split_table(table, cfg.val_size, cfg.test_size, cfg.seed)
+    device = pick_device(cfg.device)
+    task, classification = table.task, table.task == "classification"
+    state = _resume_state(cfg) if cfg.resume else None
+    version = state["version"] if state else new_version()
+
+    mean, scale = fit_normalizer(split.X_train, cfg.normalize)  # training rows only
+    y_mean, y_scale = 0.0, 1.0
+    if not classification:  # regression targets are learned standardized, exported in their units
+        y_mean, y_scale = float(split.y_train.mean()), float(split.y_train.std()) or 1.0
+    n_out = len(table.classes) if classification else 1
+
+    torch.manual_seed(cfg.seed)
+    net = TabularNet(len(table.feature_names), n_out, cfg.hidden, cfg.batchnorm, cfg.dropout,
+                     mean, scale).to(device)
+    y_dtype = torch.int64 if classification else torch.float32
+    scale_y = (lambda y: y) if classification else (lambda y: (y - y_mean) / y_scale)
+    X_train, y_train, X_val, y_val, X_test, y_test = engine.to_device(
+        [split.X_train, scale_y(split.y_train), split.X_val, scale_y(split.y_val),
+         split.X_test, scale_y(split.y_test)],
+        device, [torch.float32, y_dtype] * 3)
+
+    Optim = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+    extra = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
+    optimizer = Optim(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    metric, higher = engine.monitor(task)
+    schedule = engine.LRSchedule(cfg.scheduler, optimizer, cfg.lr, cfg.epochs,
+                                 engine.steps_per_epoch(len(X_train), cfg.batch_size),
+                                 cfg.patience, higher)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    best, best_state, best_epoch, start_epoch, elapsed_before = None, None, 0, 0, 0.0
+    if state:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best, best_epoch = state["history"], state["best"], state["best_epoch"]
+        best_state, start_epoch, elapsed_before = state["best_state"], state["epoch"], state["elapsed"]
+
+    ckpt = checkpoint_path(cfg)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    train_started = time.perf_counter()
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"train {cfg.model_name}", unit="epoch",
+               initial=start_epoch, total=cfg.epochs, disable=not cfg.progress, file=sys.stderr)
+    stopped_early = False
+    for epoch in bar:
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = engine.train_one_epoch(net, X_train, y_train, task, optimizer, schedule,
+                                            cfg.batch_size, generator)
+        val = engine.evaluate(net, X_val, y_val, task, y_mean, y_scale)
+        schedule.after_epoch(val[metric])
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                        f"val_{metric}": val[metric], "lr": lr})
+        if engine.is_better(val, best, task):
+            best, best_epoch = val, epoch + 1
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        bar.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val[metric]:.4f}"},
+                        lr=f"{lr:.2e}")
+        done = cfg.patience and epoch + 1 - best_epoch >= cfg.patience
+        engine.save_checkpoint(ckpt, {
+            "config": cfg.to_dict(), "version": version, "epoch": epoch + 1,
+            "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(), "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": history, "best": best,
+            "best_epoch": best_epoch, "best_state": best_state,
+            "elapsed": elapsed_before + time.perf_counter() - train_started})
+        if done:
+            stopped_early = True
+            break
+    bar.close()
+    train_seconds = elapsed_before + time.perf_counter() - train_started
+
+    net.load_state_dict(best_state)
+    net = net.cpu().eval()
+    X_train, y_train, X_val, y_val, X_test, y_test = (t.cpu() for t in
+                                                      (X_train, y_train, X_val, y_val, X_test, y_test))
+    metrics = {"train": engine.evaluate(net, X_train, y_train, task, y_mean, y_scale),
+               "validation": engine.evaluate(net, X_val, y_val, task, y_mean, y_scale),
+               "test": engine.evaluate(net, X_test, y_test, task, y_mean, y_scale)}
+
+    head = serving_model(net, task, y_mean, y_scale)
+    proto = export_onnx(head, len(table.feature_names), task)
+    metadata = {
+        "schema_version": SCHEMA_VERSION, "name": cfg.model_name, "version": version,
+        "model": f"{cfg.model_name}:{version}", "task": task, "input": INPUT_NAME,
+        "outputs": OUTPUTS[task], "feature_names": table.feature_names, "classes": table.classes,
+        "normalization": {"enabled": cfg.normalize, "mean": mean.tolist(), "scale": scale.tolist()},
+        "target_normalization": None if classification else {"mean": y_mean, "scale": y_scale},
+        "metrics": metrics, "versions": library_versions(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    set_metadata(proto, metadata)
+    parity = check_parity(proto, head, split.X_test, task)
+
+    card = {**metadata, "source": table.source, "rows": {"train": len(split.y_train),
+            "validation": len(split.y_val), "test": len(split.y_test)},
+            "dropped_rows_missing_target": table.dropped_rows, "stratified": split.stratified,
+            "training": {"epochs_run": len(history), "best_epoch": best_epoch,
+                         "stopped_early": bool(stopped_early), "seconds": round(train_seconds, 3),
+                         "device": str(device), "resumed": bool(state)},
+            "parity": parity, "config": cfg.to_dict(), "history": history}
+    out_dir = write_artifacts(Path(cfg.models_dir) / cfg.model_name / version, proto, card,
+                              yaml.safe_dump(cfg.to_dict(), sort_keys=False), history, metric)
+    card = json.loads((out_dir / "card.json").read_text())
+    tag = save_to_bentoml(out_dir, cfg.model_name, version, task) if cfg.store else None
+    ckpt.unlink(missing_ok=True)  # the run is complete; nothing is left to resume
+    card["total_seconds"] = round(time.perf_counter() - started, 2)
+    return Result(out_dir, tag, card, net, split, table)
+
+
+def summary(result: Result) -> str:
+    """The table printed at the end of a run."""
+    c = result.card
+    metric = "accuracy" if c["task"] == "classification" else "rmse"
+    t = c["training"]
+    what = (f"{len(c['classes'])} classes" if c["classes"] else "regression")
+    rows = [
+        ("data", f"{c['source']}  ({sum(c['rows'].values())} rows, {len(c['feature_names'])} features, "
+                 f"{c['task']}, {what})"),
+        ("split", f"train {c['rows']['train']} / validation {c['rows']['validation']} / "
+                  f"test {c['rows']['test']}"),
+        ("epochs", f"{t['epochs_run']} (best {t['best_epoch']}"
+                   f"{', stopped early' if t['stopped_early'] else ''})"),
+        ("time", f"{t['seconds']:.1f} s training, {c['total_seconds']:.1f} s in all, on {t['device']}"),
+    ]
+    extra = ["mae", "r2"] if metric == "rmse" else []
+    for split_name in ("validation", "test"):
+        m = c["metrics"][split_name]
+        rows.append((f"{split_name} {metric}", f"{m[metric]:.4f}"
+                     + "".join(f"   {k} {m[k]:.4f}" for k in extra) + f"   loss {m['loss']:.4f}"))
+    rows += [("onnx parity", f"max |onnx - torch| = {c['parity']['max_abs_diff']:.2e} "
+                             f"over {c['parity']['rows']} test rows"),
+             ("model", str(result.model_dir)),
+             ("bentoml tag", result.tag or "(not saved: --no-store)")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(argv)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            result = run(cfg)
+        for w in caught:
+            if w.filename.endswith("data.py"):  # our own notices; library chatter stays quiet
+                print(f"note: {w.message}", file=sys.stderr)
+    except (DataError, ConfigError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    print(summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
