@@ -14,6 +14,7 @@ from sklearn import datasets as skdatasets
 from sklearn.model_selection import train_test_split
 
 MAX_CLASSES_FROM_NUMBERS = 20  # an integer-valued target with more distinct values is a regression
+MIN_TRAIN_ROWS = 10  # fewer cannot fit a network, nor give BatchNorm meaningful batch statistics
 
 
 class DataError(ValueError):
@@ -191,8 +192,8 @@ def split_table(table: Table, val_size: float, test_size: float, seed: int) -> S
     """Seeded train/validation/test split, stratified for classification where every class allows it."""
     n = len(table.y)
     n_test, n_val = int(np.ceil(n * test_size)), int(np.ceil(n * val_size))
-    if n - n_test - n_val < 2:
-        need = int(np.ceil(4 / (1 - val_size - test_size)))
+    if n - n_test - n_val < MIN_TRAIN_ROWS:
+        need = int(np.ceil((MIN_TRAIN_ROWS + 2) / (1 - val_size - test_size)))
         raise DataError(f"too few rows ({n}) to split into train/validation/test; need at least {need}")
     stratify = None
     if table.task == "classification":

@@ -46,21 +46,14 @@ def export_onnx(model: nn.Module, n_features: int, task: str) -> onnx.ModelProto
 
 
 def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
-    """Store each entry as a string (JSON for structures); onnxruntime reads them back through
+    """Store every entry as a JSON value; onnxruntime reads them back through
     `session.get_modelmeta().custom_metadata_map`."""
-    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    onnx.helper.set_model_props(proto, props)
+    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
 
 
 def read_metadata(custom_map: dict[str, str]) -> dict:
     """Inverse of set_metadata for a metadata map read from onnx or onnxruntime."""
-    out = {}
-    for k, v in custom_map.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    return {k: json.loads(v) for k, v in custom_map.items()}
 
 
 def check_parity(proto: onnx.ModelProto, model: nn.Module, X: np.ndarray, task: str) -> dict:

@@ -1,0 +1,174 @@
+"""The training loop: batches, schedules, loss, ablation switches, checkpoints and the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_frame, quick_config
+from training import engine
+from training.config import ConfigError, load_config
+from training.fit import main, run
+from training.model import TabularNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("n, batch, expected", [(128, 64, [64, 64]), (129, 64, [64, 65]),
+                                                (130, 64, [64, 64, 2]), (5, 64, [5])])
+def test_batches_cover_every_row_once_and_never_leave_one_row(n, batch, expected):
+    idx = engine.batch_indices(n, batch, torch.Generator().manual_seed(0), "cpu")
+    assert [len(i) for i in idx] == expected == [len(i) for i in idx]
+    assert sorted(torch.cat(idx).tolist()) == list(range(n))
+    assert engine.steps_per_epoch(n, batch) == len(expected)
+
+
+def _fit_steps(scheduler: str, epochs: int = 5, n: int = 129, batch: int = 32):
+    torch.manual_seed(0)
+    X, y = torch.randn(n, 4), torch.randint(0, 2, (n,))
+    net = TabularNet(4, 2, [8])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    schedule = engine.LRSchedule(scheduler, opt, 0.1, epochs, engine.steps_per_epoch(n, batch), 6, True)
+    gen, lrs = torch.Generator().manual_seed(0), []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        engine.train_one_epoch(net, X, y, "classification", opt, schedule, batch, gen)
+        schedule.after_epoch(engine.evaluate(net, X, y, "classification")["accuracy"])
+    return schedule, lrs
+
+
+@pytest.mark.parametrize("scheduler, expected_steps", [
+    ("onecycle", 5 * 4),   # per optimizer step: 129 rows / 32 = 4 steps (the lone last row merged)
+    ("cosine", 5), ("step", 5), ("plateau", 5), ("none", 0)])
+def test_scheduler_steps_at_its_granularity(scheduler, expected_steps):
+    schedule, lrs = _fit_steps(scheduler)
+    assert schedule.steps_taken == expected_steps
+    if scheduler == "none":
+        assert lrs == [0.1] * 5
+    elif scheduler in ("onecycle", "cosine", "step"):
+        assert len(set(lrs)) > 1
+
+
+def test_loss_falls(tmp_path, csv_path):
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", epochs=10, store=False))
+    history = result.card["history"]
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert result.card["metrics"]["test"]["accuracy"] > 0.85
+
+
+def test_last_batch_of_one_row_trains(tmp_path, csv_path):
+    # 400 rows -> 280 train rows; batch 31 leaves 1 row over (280 = 9 * 31 + 1).
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", batch_size=31,
+                              epochs=2, store=False))
+    assert result.card["rows"]["train"] % 31 == 1
+    assert result.card["training"]["epochs_run"] == 2
+
+
+def test_each_ablation_switch_changes_the_model(tmp_path, csv_path):
+    base = dict(data=str(csv_path), target="label", epochs=3, store=False)
+    full = run(quick_config(tmp_path, **base))
+    assert any(isinstance(m, nn.BatchNorm1d) for m in full.net.modules())
+    assert not (full.net.normalize.scale == 1).all()
+    no_bn = run(quick_config(tmp_path, batchnorm=False, **base)).net
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in no_bn.modules())
+    assert all(m.bias is not None for m in no_bn.modules() if isinstance(m, nn.Linear))
+    raw = run(quick_config(tmp_path, normalize=False, dropout=0.2, scheduler="none", **base))
+    assert (raw.net.normalize.mean == 0).all() and (raw.net.normalize.scale == 1).all()
+    assert any(isinstance(m, nn.Dropout) for m in raw.net.modules())
+    assert len({h["lr"] for h in raw.card["history"]}) == 1
+    assert raw.card["normalization"]["enabled"] is False
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path, csv_path):
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", epochs=40, patience=3,
+                              lr=0.05, store=False))
+    t = result.card["training"]
+    assert t["stopped_early"] and t["epochs_run"] == t["best_epoch"] + 3
+    best = max(result.card["history"], key=lambda h: h["val_accuracy"])["val_accuracy"]
+    assert result.card["metrics"]["validation"]["accuracy"] == pytest.approx(best)
+
+
+def test_config_file_supplies_defaults_that_flags_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\nlr: 0.01\nhidden: [32, 16]\nscheduler: cosine\n")
+    cfg = load_config(["--config", str(path), "--lr", "0.02"])
+    assert (cfg.epochs, cfg.lr, cfg.hidden, cfg.scheduler) == (7, 0.02, [32, 16], "cosine")
+    path.write_text("epoch: 7\n")
+    with pytest.raises(ConfigError, match="unknown option.*epoch"):
+        load_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{dir}/missing.csv", "--target", "y"], "data file not found: {dir}/missing.csv"),
+    (["--data", "{dir}/messy.csv", "--target", "nope"], "target column 'nope' not found"),
+    (["--data", "{dir}/messy.csv", "--target", "label", "--features", "income,colour"],
+     "not numeric: colour"),
+    (["--data", "{dir}/messy.csv", "--target", "label", "--features", "income,age"],
+     "missing values: age (2 rows)"),
+    (["--data", "{dir}/messy.csv", "--target", "one", "--features", "income"], "single class"),
+    (["--data", "{dir}/tiny.csv", "--target", "label", "--features", "income"], "too few rows (4)"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    frame = make_frame(n=60).assign(colour="red", one="x")
+    frame.loc[[3, 9], "age"] = None
+    frame.to_csv(tmp_path / "messy.csv", index=False)
+    frame.head(4).to_csv(tmp_path / "tiny.csv", index=False)
+    models = tmp_path / "models"
+    args = [a.format(dir=tmp_path) for a in args]
+    assert main(args + ["--models-dir", str(models), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.format(dir=tmp_path) in err and err.count("\n") == 1
+    assert not models.exists() or not any(models.rglob("model.onnx"))
+
+
+def test_cli_exits_non_zero_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training.fit", "--data", str(tmp_path), "--target", "y"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path} is a directory; expected a CSV or Parquet file"
+
+
+def test_killed_run_resumes_to_the_same_end(tmp_path):
+    """kill -9 mid-run, then --resume: the same epochs in total and the same result as a clean run."""
+    data = tmp_path / "big.csv"
+    make_frame(n=6000).to_csv(data, index=False)
+    args = [sys.executable, "-m", "training.fit", "--data", str(data), "--target", "label",
+            "--epochs", "30", "--patience", "0", "--hidden", "64,64", "--batch-size", "16",
+            "--no-progress", "--no-store", "--name", "resumed"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ckpt = tmp_path / "a" / "resumed" / "checkpoint.pt"
+    proc = subprocess.Popen(args + ["--models-dir", str(tmp_path / "a")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and engine.load_checkpoint(ckpt)["epoch"] >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = engine.load_checkpoint(ckpt)["epoch"]
+    assert 3 <= killed_at < 30
+
+    changed = subprocess.run(args + ["--models-dir", str(tmp_path / "a"), "--resume", "--lr", "0.1"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert changed.returncode == 2 and "different config: lr=0.003 (now 0.1)" in changed.stderr
+
+    resumed = subprocess.run(args + ["--models-dir", str(tmp_path / "a"), "--resume"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    clean = subprocess.run(args + ["--models-dir", str(tmp_path / "b")], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    card_a = json.loads(next((tmp_path / "a").rglob("card.json")).read_text())
+    card_b = json.loads(next((tmp_path / "b").rglob("card.json")).read_text())
+    assert card_a["training"]["resumed"] and [h["epoch"] for h in card_a["history"]] == list(range(1, 31))
+    assert card_a["training"]["epochs_run"] == card_b["training"]["epochs_run"] == 30
+    assert abs(card_a["metrics"]["test"]["accuracy"] - card_b["metrics"]["test"]["accuracy"]) <= 0.01
+    assert not ckpt.exists()  # a finished run leaves nothing to resume
