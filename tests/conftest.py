@@ -9,6 +9,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from training.config import make_config
 from training.fit import run
@@ -58,3 +59,17 @@ def regressor(tmp_path_factory):
     path = tmp / "prices.csv"
     make_frame(task="regression", seed=1).to_csv(path, index=False)
     return run(quick_config(tmp, data=str(path), target="label", epochs=12))
+
+
+def torch_reference(result, X):
+    """What the trained PyTorch model in eval mode gives for raw rows, normalized with the
+    training statistics (applied here by hand, independently of the graph)."""
+    card, net = result.card, result.net.eval()
+    mean = np.asarray(card["normalization"]["mean"])
+    scale = np.asarray(card["normalization"]["scale"])
+    with torch.no_grad():
+        out = net.body(torch.as_tensor((X - mean) / scale, dtype=torch.float32))
+    if card["task"] == "classification":
+        return torch.softmax(out, -1).numpy()
+    t = card["target_normalization"]
+    return out.squeeze(-1).numpy() * t["scale"] + t["mean"]

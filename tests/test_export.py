@@ -8,26 +8,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from training.export import ExportError, export_onnx, read_metadata, sha256
+from conftest import torch_reference
+from training.contract import decode_metadata
+from training.export import ExportError, export_onnx, sha256
 from training.model import TabularNet, serving_model
 
 
 def session(result):
     return ort.InferenceSession(str(result.model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-
-
-def torch_reference(result, X):
-    """What the trained PyTorch model in eval mode gives for raw rows, normalized with the
-    training statistics (applied here by hand, independently of the graph)."""
-    card, net = result.card, result.net.eval()
-    mean = np.asarray(card["normalization"]["mean"])
-    scale = np.asarray(card["normalization"]["scale"])
-    with torch.no_grad():
-        out = net.body(torch.as_tensor((X - mean) / scale, dtype=torch.float32))
-    if card["task"] == "classification":
-        return torch.softmax(out, -1).numpy()
-    t = card["target_normalization"]
-    return out.squeeze(-1).numpy() * t["scale"] + t["mean"]
 
 
 def test_graph_takes_raw_features_and_matches_torch(classifier):
@@ -63,7 +51,7 @@ def test_graph_has_named_inputs_outputs_and_a_dynamic_batch(classifier):
 
 
 def test_metadata_round_trips(classifier):
-    meta = read_metadata(session(classifier).get_modelmeta().custom_metadata_map)
+    meta = decode_metadata(session(classifier).get_modelmeta().custom_metadata_map)
     card = classifier.card
     for key in ("schema_version", "model", "task", "feature_names", "classes", "normalization",
                 "metrics", "versions", "created_at"):

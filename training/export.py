@@ -1,8 +1,7 @@
 """Export the eval-mode model, normalization included, to one ONNX graph; prove it; write the artifacts.
 
-Graph: `features` float32 [batch, n_features] (raw values) -> Sub/Div by the training statistics
--> network -> `probabilities` float32 [batch, n_classes] and `label` int64 [batch] (class index
-into the `classes` metadata), or `prediction` float32 [batch] in the target's units.
+The graph subtracts and divides by the training statistics first (constants), then runs the
+network; its inputs, outputs and metadata follow training/contract.py.
 """
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ import onnx
 import torch
 from torch import nn
 
-SCHEMA_VERSION = "1"
-INPUT_NAME = "features"
-OUTPUTS = {"classification": ["probabilities", "label"], "regression": ["prediction"]}
+from training.contract import INPUT_NAME, OUTPUTS, encode_metadata
+
 PARITY_TOLERANCE = 1e-4
 
 
@@ -46,14 +44,7 @@ def export_onnx(model: nn.Module, n_features: int, task: str) -> onnx.ModelProto
 
 
 def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
-    """Store every entry as a JSON value; onnxruntime reads them back through
-    `session.get_modelmeta().custom_metadata_map`."""
-    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
-
-
-def read_metadata(custom_map: dict[str, str]) -> dict:
-    """Inverse of set_metadata for a metadata map read from onnx or onnxruntime."""
-    return {k: json.loads(v) for k, v in custom_map.items()}
+    onnx.helper.set_model_props(proto, encode_metadata(metadata))
 
 
 def check_parity(proto: onnx.ModelProto, model: nn.Module, X: np.ndarray, task: str) -> dict:

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from training import engine
 from training.config import RUN_DEFINING, Config, ConfigError, load_config
 from training.data import DataError, Split, Table, load_table, split_table
-from training.export import (INPUT_NAME, OUTPUTS, SCHEMA_VERSION, ExportError, check_parity,
-                             export_onnx, save_to_bentoml, set_metadata, write_artifacts)
+from training.contract import INPUT_NAME, OUTPUTS, SCHEMA_VERSION
+from training.export import (ExportError, check_parity, export_onnx, save_to_bentoml, set_metadata,
+                             write_artifacts)
 from training.model import TabularNet, fit_normalizer, serving_model
 
 

@@ -1,0 +1,101 @@
+"""Turn a request's `instances` into the float32 matrix the ONNX graph takes, or say exactly what is wrong.
+
+Rows are either lists of raw values in training order, or records keyed by feature name. Only
+real numbers pass: no strings, booleans, null, NaN or infinity, nothing outside float32.
+"""
+from __future__ import annotations
+
+import math
+from itertools import chain
+
+import numpy as np
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+NUMBER_TYPES = {int, float}
+
+
+class BadRequest(ValueError):
+    """A request the service cannot score; `status` is the HTTP code to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"string {shown!r}"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if isinstance(value, float) and math.isinf(value):
+        return "infinity"
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits, outside the float32 range"
+    if isinstance(value, (int, float)):
+        return f"{value!r}, outside the float32 range"
+    return type(value).__name__ if not isinstance(value, (list, dict)) else (
+        "a list" if isinstance(value, list) else "an object")
+
+
+def _row_values(i: int, row, feature_names: list[str]) -> list:
+    n = len(feature_names)
+    if type(row) is list:
+        if len(row) != n:
+            order = (f"[{', '.join(feature_names)}]" if n <= 8 else "GET /metadata lists them")
+            raise BadRequest(f"row {i}: expected {n} values in training order ({order}), "
+                             f"got {len(row)}")
+        return row
+    if type(row) is dict:
+        if missing := [f for f in feature_names if f not in row]:
+            raise BadRequest(f"row {i}: missing feature(s): {', '.join(missing)}")
+        if len(row) != n:
+            unknown = [str(k) for k in row if k not in set(feature_names)]
+            raise BadRequest(f"row {i}: unknown feature(s): {', '.join(unknown)}; "
+                             f"expected {', '.join(feature_names)}")
+        return [row[f] for f in feature_names]
+    raise BadRequest(f"row {i}: expected a list of {n} numbers or an object keyed by feature name, "
+                     f"got {_describe(row)}")
+
+
+def _is_number(v) -> bool:
+    if type(v) not in NUMBER_TYPES:
+        return False
+    try:
+        return math.isfinite(v) and abs(float(v)) <= FLOAT32_MAX
+    except OverflowError:  # an integer beyond even float64
+        return False
+
+
+def _first_bad_value(rows: list[list], feature_names: list[str]) -> str:
+    for i, row in enumerate(rows):
+        for name, v in zip(feature_names, row):
+            if not _is_number(v):
+                return f"row {i}, feature {name!r}: expected a finite number, got {_describe(v)}"
+    return "a value is not a finite number"
+
+
+def parse_instances(instances, feature_names: list[str], max_rows: int) -> np.ndarray:
+    """The rows of a request as float32 [n_rows, n_features]; BadRequest names the first problem."""
+    if not isinstance(instances, list):
+        raise BadRequest(f"instances must be a list of rows, got {_describe(instances)}")
+    if not instances:
+        raise BadRequest("instances is empty: send at least one row")
+    if len(instances) > max_rows:
+        raise BadRequest(f"instances has {len(instances)} rows; the limit is {max_rows} per request "
+                         "(split the request, or raise MAX_ROWS)", status=413)
+    rows = [_row_values(i, row, feature_names) for i, row in enumerate(instances)]
+    # Fast path: one C-level pass over the types, then vectorized range checks.
+    if not set(map(type, chain.from_iterable(rows))) <= NUMBER_TYPES:
+        raise BadRequest(_first_bad_value(rows, feature_names))
+    try:
+        X = np.array(rows, dtype=np.float64)
+    except OverflowError:  # an integer too large even for float64
+        raise BadRequest(_first_bad_value(rows, feature_names)) from None
+    if not (np.isfinite(X).all() and np.abs(X).max() <= FLOAT32_MAX):
+        raise BadRequest(_first_bad_value(rows, feature_names))
+    return X.astype(np.float32)

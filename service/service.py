@@ -1,0 +1,130 @@
+"""BentoML service: scores raw rows with the exported ONNX graph, which carries its own normalization.
+
+The service does no arithmetic on the inputs: it checks them, hands them to onnxruntime, and maps
+class indices to the training data's labels. `bentoml serve` (from the repository root) serves
+the model trained last; MODEL_TAG=<name>:<version> picks another.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.inputs import BadRequest, parse_instances
+from training.contract import INPUT_NAME, OUTPUTS, REQUIRED_METADATA, decode_metadata
+
+PIPELINE_LABEL = "normserve"
+MAX_ROWS = int(os.environ.get("MAX_ROWS", "10000"))
+WORKERS = int(os.environ.get("WORKERS", "1"))
+EXAMPLE_INPUT = [[17.99, 10.38, 122.8, 1001.0]]  # the shape of a request; widths follow the model
+
+
+def fail(message: str):
+    """Stop start-up with one line (an exception here would make BentoML restart workers forever)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def resolve_model_tag() -> str:
+    """MODEL_TAG if set, else the newest model that `python -m training.fit` saved in the store."""
+    if tag := os.environ.get("MODEL_TAG"):
+        try:
+            return str(bentoml.models.get(tag).tag)
+        except bentoml.exceptions.NotFound:
+            fail(f"MODEL_TAG={tag} is not in the BentoML model store; `bentoml models list` shows "
+                 "what is there")
+    ours = [m for m in bentoml.models.list() if m.info.labels.get("pipeline") == PIPELINE_LABEL]
+    if not ours:
+        fail("no trained model in the BentoML model store; run `python -m training.fit` first")
+    return str(max(ours, key=lambda m: m.info.creation_time).tag)
+
+
+def open_model(path: str, threads: int = 1):
+    """An onnxruntime session and the model's metadata, or a one-line exit saying what is wrong."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        meta = decode_metadata(session.get_modelmeta().custom_metadata_map)
+    except Exception as e:
+        fail(f"{MODEL_TAG}: cannot load {path}: {str(e).strip().splitlines()[0]}")
+    if missing := [k for k in REQUIRED_METADATA if k not in meta]:
+        fail(f"{MODEL_TAG}: model.onnx lacks metadata {', '.join(missing)}; "
+             "was it exported by `python -m training.fit`?")
+    if meta["task"] not in OUTPUTS:
+        fail(f"{MODEL_TAG}: unknown task {meta['task']!r} in the model metadata")
+    return session, meta
+
+
+MODEL_TAG = resolve_model_tag()
+# Checked here, in the process `bentoml serve` starts from: a worker that fails would be restarted
+# forever, while an exit here stops the server with the reason.
+open_model(bentoml.models.get(MODEL_TAG).path_of("model.onnx"))
+
+
+class Prediction(BaseModel):
+    """The response of /predict (probabilities and classes for classification only)."""
+    predictions: list[Any] = Field(description="class labels, or values in the target's units")
+    probabilities: list[list[float]] | None = Field(None, description="per row, one per class")
+    classes: list[Any] | None = Field(None, description="the order of each probabilities row")
+    model: str = Field(description="<name>:<version> of the model that answered")
+
+
+async def metadata_route(request: Request) -> JSONResponse:
+    return JSONResponse(bentoml.get_current_service().metadata)
+
+
+@bentoml.asgi_app(Starlette(routes=[Route("/metadata", metadata_route, methods=["GET"])]), path="/")
+@bentoml.service(name="normserve", workers=WORKERS, traffic={"timeout": 30},
+                 labels={"pipeline": PIPELINE_LABEL})
+class TabularModel:
+    model = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        # BentoML sets no thread limits: workers each using every core would fight each other.
+        threads = max(1, (os.cpu_count() or 1) // WORKERS)
+        self.session, meta = open_model(self.model.path_of("model.onnx"), threads)
+        self.task, self.feature_names = meta["task"], meta["feature_names"]
+        self.classes = meta["classes"]
+        self.outputs = OUTPUTS[self.task]
+        self.metadata = {k: meta.get(k) for k in (
+            "model", "task", "feature_names", "classes", "normalization", "target_normalization",
+            "metrics", "versions", "created_at", "schema_version")}
+        self.metadata.update(input=INPUT_NAME, outputs=self.outputs, max_rows=MAX_ROWS)
+        # Warm-up: the first run allocates; /readyz turns ready only after __init__ returns.
+        self.session.run(self.outputs, {INPUT_NAME: np.zeros((1, len(self.feature_names)), np.float32)})
+
+    def score(self, X: np.ndarray) -> dict:
+        """Run the graph on checked raw rows and shape the answer."""
+        out = self.session.run(self.outputs, {INPUT_NAME: X})
+        if self.task == "classification":
+            probabilities, labels = out
+            return {"predictions": [self.classes[i] for i in labels.tolist()],
+                    "probabilities": probabilities.tolist(), "classes": self.classes,
+                    "model": MODEL_TAG}
+        return {"predictions": out[0].tolist(), "model": MODEL_TAG}
+
+    @bentoml.api(route="/predict")
+    async def predict(
+        self,
+        instances: Annotated[list[Any], Field(
+            description="rows of raw feature values in training order, or records keyed by "
+                        "feature name (GET /metadata lists the names)",
+            examples=[EXAMPLE_INPUT])],
+    ) -> Prediction:
+        try:
+            X = parse_instances(instances, self.feature_names, MAX_ROWS)
+        except BadRequest as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+        # A Response skips BentoML's per-call re-validation of the declared output model.
+        return JSONResponse(self.score(X))

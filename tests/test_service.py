@@ -1,0 +1,199 @@
+"""The service over HTTP: a real `bentoml serve` process on 127.0.0.1, a model trained by the tests."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import torch_reference
+from training.contract import decode_metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_ROWS = 100
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body=None, method: str | None = None, content_type="application/json"):
+    """(status, parsed JSON or text) for one HTTP call."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": content_type} if data is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def start_server(env_extra: dict) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "MAX_ROWS": str(MAX_ROWS), **env_extra}
+    proc = subprocess.Popen(["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited: {proc.stdout.read().decode()[-2000:]}")
+        try:
+            if request(url + "/readyz")[0] == 200:
+                return proc, url
+        except OSError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError("bentoml serve did not become ready in 90 s")
+
+
+@pytest.fixture(scope="module")
+def server(classifier):
+    proc, url = start_server({"MODEL_TAG": classifier.tag})
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def regression_server(regressor):
+    proc, url = start_server({"MODEL_TAG": regressor.tag})
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_predictions_over_http_equal_the_trained_model(server, classifier):
+    X = classifier.split.X_test
+    status, body = request(server + "/predict", {"instances": X.tolist()})
+    assert status == 200
+    expected = torch_reference(classifier, X)
+    assert np.abs(np.array(body["probabilities"]) - expected).max() <= 1e-5
+    assert body["classes"] == ["approved", "declined"]
+    assert body["predictions"] == [body["classes"][i] for i in expected.argmax(1)]
+    assert body["model"] == classifier.tag
+
+
+def test_record_form_equals_row_form(server, classifier):
+    X = classifier.split.X_test[:10]
+    names = classifier.card["feature_names"]
+    records = [dict(zip(reversed(names), reversed(row))) for row in X.tolist()]  # any key order
+    assert request(server + "/predict", {"instances": records}) == \
+        request(server + "/predict", {"instances": X.tolist()})
+
+
+def test_one_row_alone_equals_the_row_in_a_batch(server, classifier):
+    X = classifier.split.X_test[:8].tolist()
+    batch = request(server + "/predict", {"instances": X})[1]["probabilities"]
+    alone = [request(server + "/predict", {"instances": [row]})[1]["probabilities"][0] for row in X]
+    assert np.abs(np.array(batch) - np.array(alone)).max() <= 1e-6
+
+
+GOOD = [50_000.0, 0.001, 40.0, 5.0]
+BAD_REQUESTS = [
+    ({"instances": [GOOD, GOOD[:3]]}, "row 1: expected 4 values"),
+    ({"instances": [{"income": 1, "ratio": 0, "age": 30, "score": 1, "height": 2}]},
+     "row 0: unknown feature(s): height"),
+    ({"instances": [{"income": 1, "ratio": 0, "score": 1}]}, "row 0: missing feature(s): age"),
+    ({"instances": [GOOD, ["a", 0, 30, 1]]}, "row 1, feature 'income': expected a finite number, got string"),
+    ({"instances": [[True, 0, 30, 1]]}, "row 0, feature 'income': expected a finite number, got boolean"),
+    ({"instances": [[1, None, 30, 1]]}, "row 0, feature 'ratio': expected a finite number, got null"),
+    (b'{"instances": [[1, NaN, 30, 1]]}', "row 0, feature 'ratio': expected a finite number, got NaN"),
+    (b'{"instances": [[1, 0, Infinity, 1]]}', "row 0, feature 'age': expected a finite number, got infinity"),
+    ({"instances": [[1, 0, 1e300, 1]]}, "outside the float32 range"),
+    ({"instances": []}, "instances is empty"),
+    ({"instances": [GOOD] * (MAX_ROWS + 1)}, f"limit is {MAX_ROWS}"),
+    ({"instances": "1,2,3,4"}, "validation error"),
+    ({"rows": [GOOD]}, "validation error"),
+    (b'{"instances": [[1, 2', "validation error"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_REQUESTS)
+def test_bad_input_gets_a_4xx_naming_the_problem(server, body, message):
+    status, answer = request(server + "/predict", body)
+    assert 400 <= status < 500
+    assert isinstance(answer, dict) and message in json.dumps(answer) + answer.get("error", "")
+    assert request(server + "/predict", {"instances": [GOOD]})[0] == 200  # nothing spills over
+
+
+def test_bad_requests_do_not_disturb_concurrent_good_ones(server):
+    bodies = [{"instances": [GOOD]}, {"instances": [[None] * 4]}] * 40
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda b: request(server + "/predict", b)[0], bodies))
+    assert statuses == [200, 400] * 40
+
+
+def test_metadata_comes_from_the_onnx_file(server, classifier):
+    status, meta = request(server + "/metadata")
+    assert status == 200
+    onnx_meta = decode_metadata(ort.InferenceSession(str(classifier.model_dir / "model.onnx"))
+                                .get_modelmeta().custom_metadata_map)
+    for key in ("model", "task", "feature_names", "classes", "normalization", "metrics"):
+        assert meta[key] == onnx_meta[key], key
+    assert meta["max_rows"] == MAX_ROWS
+
+
+def test_bentoml_routes_keep_working(server):
+    assert request(server + "/livez")[0] == 200
+    assert request(server + "/readyz")[0] == 200
+    status, metrics = request(server + "/metrics")
+    assert status == 200 and "bentoml_service_request_total" in metrics
+    status, spec = request(server + "/docs.json")
+    assert status == 200 and "/predict" in spec["paths"]
+
+
+def test_regression_answers_in_target_units(regression_server, regressor):
+    X = regressor.split.X_test
+    status, body = request(regression_server + "/predict", {"instances": X.tolist()})
+    assert status == 200 and set(body) == {"predictions", "model"}
+    np.testing.assert_allclose(body["predictions"], torch_reference(regressor, X), rtol=1e-5, atol=1e-3)
+
+
+def test_serve_without_a_model_stops_with_one_line(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path)}
+    env.pop("MODEL_TAG", None)
+    proc = subprocess.run(["bentoml", "serve", "--port", str(free_port())], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "error: no trained model in the BentoML model store; run `python -m training.fit` first" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_serves_the_newest_model_without_model_tag(classifier, regressor):
+    code = "import service.service as s; print(s.MODEL_TAG)"
+    env = {k: v for k, v in os.environ.items() if k != "MODEL_TAG"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    newest = max([classifier, regressor], key=lambda r: r.card["created_at"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == newest.tag
+
+
+def test_bentoml_build_packages_the_model(classifier):
+    env = {**os.environ, "MODEL_TAG": classifier.tag}
+    build = subprocess.run(["bentoml", "build", "--output", "tag"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    bento_tag = build.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    info = subprocess.run(["bentoml", "get", bento_tag, "-o", "json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    (service,) = json.loads(info.stdout)["services"]
+    assert [m["tag"] for m in service["models"]] == [classifier.tag]
