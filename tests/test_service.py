@@ -63,20 +63,21 @@ def start_server(env_extra: dict) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("bentoml serve did not become ready in 90 s")
 
 
-@pytest.fixture(scope="module")
-def server(classifier):
-    proc, url = start_server({"MODEL_TAG": classifier.tag})
+def serving(result):
+    proc, url = start_server({"MODEL_TAG": result.tag})
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(classifier):
+    yield from serving(classifier)
 
 
 @pytest.fixture(scope="module")
 def regression_server(regressor):
-    proc, url = start_server({"MODEL_TAG": regressor.tag})
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from serving(regressor)
 
 
 def test_predictions_over_http_equal_the_trained_model(server, classifier):
