@@ -1,7 +1,8 @@
-"""Turn a request's `instances` into the float32 matrix the ONNX graph takes, or say exactly what is wrong.
+"""Turn a request's `instances` into the array the ONNX graph takes, or say exactly what is wrong.
 
-Rows are either lists of raw values in training order, or records keyed by feature name. Only
-real numbers pass: no strings, booleans, null, NaN or infinity, nothing outside float32.
+Table rows are lists of raw values in training order, or records keyed by feature name; only real
+numbers pass: no strings, booleans, null, NaN or infinity, nothing outside float32. Images are
+nested lists [channels][height][width] of integers 0..255.
 """
 from __future__ import annotations
 
@@ -79,15 +80,19 @@ def _first_bad_value(rows: list[list], feature_names: list[str]) -> str:
     return "a value is not a finite number"
 
 
+def _check_list(instances, max_rows: int, what: str) -> None:
+    if not isinstance(instances, list):
+        raise BadRequest(f"instances must be a list of {what}s, got {_describe(instances)}")
+    if not instances:
+        raise BadRequest(f"instances is empty: send at least one {what}")
+    if len(instances) > max_rows:
+        raise BadRequest(f"instances has {len(instances)} {what}s; the limit is {max_rows} per "
+                         "request (split the request, or raise MAX_ROWS)", status=413)
+
+
 def parse_instances(instances, feature_names: list[str], max_rows: int) -> np.ndarray:
     """The rows of a request as float32 [n_rows, n_features]; BadRequest names the first problem."""
-    if not isinstance(instances, list):
-        raise BadRequest(f"instances must be a list of rows, got {_describe(instances)}")
-    if not instances:
-        raise BadRequest("instances is empty: send at least one row")
-    if len(instances) > max_rows:
-        raise BadRequest(f"instances has {len(instances)} rows; the limit is {max_rows} per request "
-                         "(split the request, or raise MAX_ROWS)", status=413)
+    _check_list(instances, max_rows, "row")
     rows = [_row_values(i, row, feature_names) for i, row in enumerate(instances)]
     # Fast path: one C-level pass over the types, then vectorized range checks.
     if not set(map(type, chain.from_iterable(rows))) <= NUMBER_TYPES:
@@ -99,3 +104,34 @@ def parse_instances(instances, feature_names: list[str], max_rows: int) -> np.nd
     if not (np.isfinite(X).all() and np.abs(X).max() <= FLOAT32_MAX):
         raise BadRequest(_first_bad_value(rows, feature_names))
     return X.astype(np.float32)
+
+
+def _pixels_ok(v) -> bool:
+    return type(v) in NUMBER_TYPES and math.isfinite(v) and v == int(v) and 0 <= v <= 255
+
+
+def _image_problem(img, shape: tuple[int, int, int]) -> str | None:
+    c, h, w = shape
+    def length(x):
+        return len(x) if type(x) is list else _describe(x)
+    if type(img) is not list or len(img) != c:
+        return f"expected {c} channel(s), got {length(img)}"
+    for channel in img:
+        if type(channel) is not list or len(channel) != h:
+            return f"expected {h} rows per channel, got {length(channel)}"
+        for row in channel:
+            if type(row) is not list or len(row) != w:
+                return f"expected {w} pixels per row, got {length(row)}"
+            if not (set(map(type, row)) <= NUMBER_TYPES and all(map(_pixels_ok, row))):
+                bad = next(v for v in row if not _pixels_ok(v))
+                return f"pixel values must be integers 0..255, got {_describe(bad) if type(bad) not in NUMBER_TYPES else bad}"
+    return None
+
+
+def parse_images(instances, shape: tuple[int, int, int], max_rows: int) -> np.ndarray:
+    """Images as nested lists [channels][height][width] of integers 0..255 -> uint8 [n, C, H, W]."""
+    _check_list(instances, max_rows, "image")
+    for i, img in enumerate(instances):
+        if problem := _image_problem(img, shape):
+            raise BadRequest(f"image {i} (shape {list(shape)}, channels x height x width): {problem}")
+    return np.array(instances, dtype=np.uint8)

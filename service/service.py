@@ -1,13 +1,15 @@
-"""BentoML service: scores raw rows with the exported ONNX graph, which carries its own normalization.
+"""BentoML service: scores raw inputs with the exported ONNX graph, which carries its own normalization.
 
-The service does no arithmetic on the inputs: it checks them, hands them to onnxruntime, and maps
-class indices to the training data's labels. `bentoml serve` (from the repository root) serves
+The service does no arithmetic on the inputs: it checks them (table rows, or uint8 images read by
+the same code training used), hands them to onnxruntime, and maps class indices to the training
+data's labels. `bentoml serve` (from the repository root) serves
 the model trained last; MODEL_TAG=<name>:<version> picks another.
 """
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
@@ -18,8 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.inputs import BadRequest, parse_instances
-from training.contract import INPUT_NAME, OUTPUTS, REQUIRED_METADATA, decode_metadata
+from service.inputs import BadRequest, parse_images, parse_instances
+from service.middleware import UploadGuard
+from training.contract import OUTPUTS, REQUIRED_METADATA, decode_metadata
+from training.images import ImageError, read_image
 
 PIPELINE_LABEL = "normserve"
 MAX_ROWS = int(os.environ.get("MAX_ROWS", "10000"))
@@ -61,8 +65,8 @@ def open_model(path: str, threads: int = 1):
     if missing := [k for k in REQUIRED_METADATA if k not in meta]:
         fail(f"{MODEL_TAG}: model.onnx lacks metadata {', '.join(missing)}; "
              "was it exported by `python -m training.fit`?")
-    if meta["task"] not in OUTPUTS:
-        fail(f"{MODEL_TAG}: unknown task {meta['task']!r} in the model metadata")
+    if meta["task"] not in OUTPUTS or meta["modality"] not in ("table", "image"):
+        fail(f"{MODEL_TAG}: unknown task or modality in the model metadata")
     return session, meta
 
 
@@ -95,18 +99,24 @@ class TabularModel:
         threads = max(1, (os.cpu_count() or 1) // WORKERS)
         self.session, meta = open_model(self.model.path_of("model.onnx"), threads)
         self.task, self.feature_names = meta["task"], meta["feature_names"]
-        self.classes = meta["classes"]
+        self.classes, self.input, self.image = meta["classes"], meta["input"], meta["image"]
         self.outputs = OUTPUTS[self.task]
         self.metadata = {k: meta.get(k) for k in (
-            "model", "task", "feature_names", "classes", "normalization", "target_normalization",
-            "metrics", "versions", "created_at", "schema_version")}
-        self.metadata.update(input=INPUT_NAME, outputs=self.outputs, max_rows=MAX_ROWS)
+            "model", "task", "modality", "input", "outputs", "feature_names", "image", "classes",
+            "normalization", "target_normalization", "metrics", "versions", "created_at",
+            "schema_version")}
+        self.metadata["max_rows"] = MAX_ROWS
+        if self.image:
+            self.shape = (self.image["channels"], self.image["height"], self.image["width"])
+            example = np.zeros((1, *self.shape), np.uint8)
+        else:
+            example = np.zeros((1, len(self.feature_names)), np.float32)
         # Warm-up: the first run allocates; /readyz turns ready only after __init__ returns.
-        self.session.run(self.outputs, {INPUT_NAME: np.zeros((1, len(self.feature_names)), np.float32)})
+        self.session.run(self.outputs, {self.input: example})
 
     def score(self, X: np.ndarray) -> dict:
-        """Run the graph on checked raw rows and shape the answer."""
-        out = self.session.run(self.outputs, {INPUT_NAME: X})
+        """Run the graph on checked raw inputs and shape the answer."""
+        out = self.session.run(self.outputs, {self.input: X})
         if self.task == "classification":
             probabilities, labels = out
             return {"predictions": [self.classes[i] for i in labels.tolist()],
@@ -118,13 +128,41 @@ class TabularModel:
     async def predict(
         self,
         instances: Annotated[list[Any], Field(
-            description="rows of raw feature values in training order, or records keyed by "
-                        "feature name (GET /metadata lists the names)",
+            description="table models: rows of raw feature values in training order, or records "
+                        "keyed by feature name (GET /metadata lists the names); image models: "
+                        "images as [channels][height][width] lists of integers 0..255",
             examples=[EXAMPLE_INPUT])],
     ) -> Prediction:
         try:
-            X = parse_instances(instances, self.feature_names, MAX_ROWS)
+            if self.image:
+                X = parse_images(instances, self.shape, MAX_ROWS)
+            else:
+                X = parse_instances(instances, self.feature_names, MAX_ROWS)
         except BadRequest as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
+            return error(e)
         # A Response skips BentoML's per-call re-validation of the declared output model.
         return JSONResponse(self.score(X))
+
+    @bentoml.api(route="/predict_image")
+    async def predict_image(
+        self, image: Annotated[Path, Field(description="a PNG or JPEG file (multipart field 'image')")],
+    ) -> Prediction:
+        try:
+            if not self.image:
+                raise BadRequest("this model takes table rows, not images: POST them to /predict")
+            c, h, w = self.shape
+            pixels = read_image(image.read_bytes(), c, (h, w) if self.image["resize"] else None)
+            if pixels.shape != self.shape:
+                raise BadRequest(f"the image is {pixels.shape[2]}x{pixels.shape[1]} pixels; this model "
+                                 f"takes {w}x{h} (it was trained without --image-size, so uploads "
+                                 "are not resized)")
+        except (BadRequest, ImageError) as e:
+            return error(e)
+        return JSONResponse(self.score(pixels[None]))
+
+
+def error(e: Exception) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=getattr(e, "status", 400))
+
+
+TabularModel.add_asgi_middleware(UploadGuard)

@@ -90,4 +90,4 @@ def test_export_refuses_a_model_still_in_training_mode():
     net.body[1] = StubbornBatchNorm(4)
     head = serving_model(net, "classification")
     with pytest.raises(ExportError, match="training mode: .*body.1"):
-        export_onnx(head, 3, "classification")
+        export_onnx(head, torch.zeros(1, 3), "features", "classification")

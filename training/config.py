@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-BUILTIN_DATASETS = ("breast_cancer", "digits", "wine", "iris", "diabetes")
+BUILTIN_DATASETS = ("breast_cancer", "digits", "wine", "iris", "diabetes", "digits-images")
 SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
 
 
@@ -31,6 +31,9 @@ class Config:
                         choices=BUILTIN_DATASETS)
     data: str | None = _opt(None, "CSV or Parquet file to train on (needs --target)")
     target: str | None = _opt(None, "target column of --data")
+    images: str | None = _opt(None, "folder of images to train on, one sub-folder per class (PNG/JPEG)")
+    image_size: int | None = _opt(None, "resize every image to N x N (default: keep the size, "
+                                        "which must then be the same for all)")
     features: list[str] | None = _opt(None, "comma-separated feature columns (default: all but the target)")
     task: str = _opt("auto", "auto infers it from the target", choices=("auto", "classification", "regression"))
     val_size: float = _opt(0.15, "share of rows held out for validation (early stopping)")
@@ -39,7 +42,9 @@ class Config:
     # recipe: each part can be switched off for ablation
     normalize: bool = _opt(True, "standardize inputs with a StandardScaler fitted on the training split")
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
-    hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths")
+    hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables)")
+    channels: list[int] = _opt((32, 64), "comma-separated conv block widths (images)")
+    augment: bool = _opt(False, "light random shifts and rotations of training images (images)")
     dropout: float = _opt(0.0, "dropout after each hidden block (0 = none)")
     optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"))
     lr: float = _opt(3e-3, "learning rate (the peak rate for one-cycle)")
@@ -58,6 +63,11 @@ class Config:
 
     def __post_init__(self):
         self.hidden = [int(w) for w in self.hidden]
+        self.channels = [int(w) for w in self.channels]
+        if self.data and self.images:
+            raise ConfigError("give either --data (a table) or --images (a folder), not both")
+        if self.image_size is not None and not 4 <= self.image_size <= 1024:
+            raise ConfigError("--image-size must be between 4 and 1024")
         if self.data and not self.target:
             raise ConfigError("--data needs --target: name the column to predict")
         if not 0 < self.val_size < 1 or not 0 < self.test_size < 1 or self.val_size + self.test_size >= 1:
@@ -65,6 +75,7 @@ class Config:
         for ok, message in [(self.epochs >= 1, "--epochs must be at least 1"),
                             (self.batch_size >= 2, "--batch-size must be at least 2 (BatchNorm)"),
                             (self.hidden and min(self.hidden) >= 1, "--hidden widths must be >= 1"),
+                            (self.channels and min(self.channels) >= 1, "--channels must be >= 1"),
                             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
                             (self.lr > 0, "--lr must be positive"),
                             (self.patience >= 0, "--patience must be >= 0")]:
@@ -73,7 +84,8 @@ class Config:
 
     @property
     def model_name(self) -> str:
-        raw = self.name or (Path(self.data).stem if self.data else self.dataset)
+        raw = self.name or (Path(self.data).stem if self.data else
+                            Path(self.images).resolve().name if self.images else self.dataset)
         name = "".join(c if c.isalnum() or c in "-_." else "-" for c in raw.lower()).strip("-_.")
         return name or "model"
 
@@ -82,9 +94,9 @@ class Config:
 
 
 # Fields that define what is trained: a checkpoint made under other values cannot be resumed.
-RUN_DEFINING = ("dataset", "data", "target", "features", "task", "val_size", "test_size", "seed",
-                "normalize", "batchnorm", "hidden", "dropout", "optimizer", "lr", "weight_decay",
-                "scheduler", "epochs", "batch_size")
+RUN_DEFINING = ("dataset", "data", "target", "features", "images", "image_size", "task", "val_size",
+                "test_size", "seed", "normalize", "batchnorm", "hidden", "channels", "augment",
+                "dropout", "optimizer", "lr", "weight_decay", "scheduler", "epochs", "batch_size")
 
 
 def _list_of(kind):
@@ -109,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
             kw["help"] += f" (default: {f.default})"
         else:
-            kw["type"] = {"int": int, "float": float, "list[int]": _list_of(int),
+            kw["type"] = {"int": int, "float": float, "int | None": int, "list[int]": _list_of(int),
                           "list[str] | None": _list_of(str)}.get(f.type, str)
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
@@ -144,8 +156,9 @@ def make_config(values: dict[str, Any]) -> Config:
     known = {f.name for f in dataclasses.fields(Config)}
     if unknown := sorted(set(values) - known):
         raise ConfigError(f"unknown option(s) in config: {', '.join(unknown)}")
-    if isinstance(values.get("hidden"), str):
-        values["hidden"] = _list_of(int)(values["hidden"])
+    for key in ("hidden", "channels"):
+        if isinstance(values.get(key), str):
+            values[key] = _list_of(int)(values[key])
     if isinstance(values.get("features"), str):
         values["features"] = _list_of(str)(values["features"])
     for f in dataclasses.fields(Config):

@@ -1,6 +1,7 @@
-"""Load a table (built-in or a user's CSV/Parquet), check it, and split it train/validation/test.
+"""Load the data (a built-in set, a user's CSV/Parquet table or image folder), check it, and split
+it train/validation/test.
 
-Built-in datasets go through the same path as user files: they are turned into a DataFrame first.
+Built-in tables go through the same path as user files: they are turned into a DataFrame first.
 """
 from __future__ import annotations
 
@@ -23,14 +24,17 @@ class DataError(ValueError):
 
 @dataclass
 class Table:
-    """Features and target, checked and encoded: X float64, y class indices (int64) or values (float64)."""
+    """Inputs and target, checked and encoded: X float64 [rows, features] for tables, uint8
+    [images, channels, height, width] for images; y class indices (int64) or values (float64)."""
     X: np.ndarray
     y: np.ndarray
-    feature_names: list[str]
+    feature_names: list[str]    # empty for images
     task: str                   # "classification" | "regression"
     classes: list | None        # class labels in the data's own values; y indexes into it
     source: str
     dropped_rows: int = 0       # rows dropped because their target was missing
+    modality: str = "table"     # "table" | "image"
+    resize: bool = False        # images: resized to a fixed size when read
 
 
 @dataclass
@@ -178,8 +182,24 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     return Table(X, y, [str(f) for f in features], task, classes, source, dropped)
 
 
+def image_table(X: np.ndarray, labels: list, classes: list, source: str, resize: bool) -> Table:
+    index = {c: i for i, c in enumerate(classes)}
+    return Table(X, np.array([index[label] for label in labels], dtype=np.int64), [],
+                 "classification", [_json_label(c) for c in classes], source,
+                 modality="image", resize=resize)
+
+
 def load_table(cfg) -> Table:
-    """The table a config names: --data FILE --target COL, else the built-in --dataset."""
+    """The data a config names: --images DIR, --data FILE --target COL, else the built-in --dataset."""
+    from training.images import ImageError, digits_images, load_image_folder
+    try:
+        if cfg.images:
+            return image_table(*load_image_folder(cfg.images, cfg.image_size), cfg.images,
+                               resize=cfg.image_size is not None)
+        if cfg.dataset == "digits-images" and not cfg.data:
+            return image_table(*digits_images(), "sklearn:digits-images", resize=False)
+    except ImageError as e:
+        raise DataError(str(e)) from None
     if cfg.data:
         frame, target, source = read_table(cfg.data), cfg.target, cfg.data
     else:

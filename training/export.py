@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from training.contract import INPUT_NAME, OUTPUTS, encode_metadata
+from training.contract import OUTPUTS, encode_metadata
 
 PARITY_TOLERANCE = 1e-4
 
@@ -28,18 +28,19 @@ class ExportError(RuntimeError):
     """Export or its parity check failed; nothing was written."""
 
 
-def export_onnx(model: nn.Module, n_features: int, task: str) -> onnx.ModelProto:
-    """The eval-mode model as an ONNX graph with a dynamic batch axis."""
+def export_onnx(model: nn.Module, example: torch.Tensor, input_name: str, task: str) -> onnx.ModelProto:
+    """The eval-mode model as an ONNX graph with a dynamic batch axis; `example` is one input row
+    (or image) of the right dtype and shape."""
     model = model.cpu().eval()
     if still_training := [name for name, m in model.named_modules() if m.training]:
         raise ExportError(f"modules still in training mode: {still_training}")
-    example = torch.zeros(2, n_features)  # batch >= 2 so the exporter keeps the axis symbolic
+    example = example.expand(2, *example.shape[1:]).contiguous()  # batch >= 2 keeps the axis symbolic
     # The exporter narrates each pass on stdout; keep the user's terminal for our own progress.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=OUTPUTS[task],
-            dynamic_shapes={"features": {0: torch.export.Dim("batch")}}, verbose=False)
+            model, (example,), dynamo=True, input_names=[input_name], output_names=OUTPUTS[task],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     return program.model_proto
 
 
@@ -47,17 +48,19 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
     onnx.helper.set_model_props(proto, encode_metadata(metadata))
 
 
-def check_parity(proto: onnx.ModelProto, model: nn.Module, X: np.ndarray, task: str) -> dict:
-    """onnxruntime on raw rows vs. the PyTorch model in eval mode, row by row and as one batch."""
+def check_parity(proto: onnx.ModelProto, model: nn.Module, X: np.ndarray, input_name: str,
+                 task: str) -> dict:
+    """onnxruntime on raw inputs (float32 rows or uint8 images) vs. the PyTorch model in eval mode,
+    one by one and as one batch."""
     import onnxruntime as ort
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    X = np.ascontiguousarray(X, dtype=np.float32)
+    X = np.ascontiguousarray(X)
     with torch.no_grad():
         expected = model.cpu().eval()(torch.from_numpy(X))
     expected = expected[0] if task == "classification" else expected
     expected = expected.numpy()
-    batched = session.run([OUTPUTS[task][0]], {INPUT_NAME: X})[0]
-    singles = np.concatenate([session.run([OUTPUTS[task][0]], {INPUT_NAME: X[i:i + 1]})[0]
+    batched = session.run([OUTPUTS[task][0]], {input_name: X})[0]
+    singles = np.concatenate([session.run([OUTPUTS[task][0]], {input_name: X[i:i + 1]})[0]
                               for i in range(min(len(X), 32))])
     diff_batch = float(np.abs(batched - expected).max())
     diff_single = float(np.abs(singles - expected[:len(singles)]).max())

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from training import engine
 from training.config import RUN_DEFINING, Config, ConfigError, load_config
 from training.data import DataError, Split, Table, load_table, split_table
-from training.contract import INPUT_NAME, OUTPUTS, SCHEMA_VERSION
+from training.contract import INPUTS, OUTPUTS, SCHEMA_VERSION
 from training.export import (ExportError, check_parity, export_onnx, save_to_bentoml, set_metadata,
                              write_artifacts)
-from training.model import TabularNet, fit_normalizer, serving_model
+from training.model import ConvNet, TabularNet, fit_channel_stats, fit_normalizer, serving_model
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Result:
     model_dir: Path
     tag: str | None
     card: dict
-    net: TabularNet          # the trained network (best weights, eval mode, on the CPU)
+    net: TabularNet | ConvNet  # the trained network (best weights, eval mode, on the CPU)
     split: Split
     table: Table
 
@@ -88,21 +88,28 @@ def run(cfg: Config) -> Result:
     state = _resume_state(cfg) if cfg.resume else None
     version = state["version"] if state else new_version()
 
-    mean, scale = fit_normalizer(split.X_train, cfg.normalize)  # training rows only
+    image = table.modality == "image"
+    # Statistics from the training split only.
+    mean, scale = (fit_channel_stats if image else fit_normalizer)(split.X_train, cfg.normalize)
     y_mean, y_scale = 0.0, 1.0
     if not classification:  # regression targets are learned standardized, exported in their units
         y_mean, y_scale = float(split.y_train.mean()), float(split.y_train.std()) or 1.0
     n_out = len(table.classes) if classification else 1
 
     torch.manual_seed(cfg.seed)
-    net = TabularNet(len(table.feature_names), n_out, cfg.hidden, cfg.batchnorm, cfg.dropout,
-                     mean, scale).to(device)
+    if image:
+        net = ConvNet(table.X.shape[1], n_out, cfg.channels, cfg.batchnorm, cfg.dropout, mean, scale,
+                      cfg.augment).to(device)
+    else:
+        net = TabularNet(len(table.feature_names), n_out, cfg.hidden, cfg.batchnorm, cfg.dropout,
+                         mean, scale).to(device)
+    x_dtype = torch.uint8 if image else torch.float32
     y_dtype = torch.int64 if classification else torch.float32
     scale_y = (lambda y: y) if classification else (lambda y: (y - y_mean) / y_scale)
     X_train, y_train, X_val, y_val, X_test, y_test = engine.to_device(
         [split.X_train, scale_y(split.y_train), split.X_val, scale_y(split.y_val),
          split.X_test, scale_y(split.y_test)],
-        device, [torch.float32, y_dtype] * 3)
+        device, [x_dtype, y_dtype] * 3)
 
     Optim = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
     extra = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
@@ -165,18 +172,24 @@ def run(cfg: Config) -> Result:
                "test": engine.evaluate(net, X_test, y_test, task, y_mean, y_scale)}
 
     head = serving_model(net, task, y_mean, y_scale)
-    proto = export_onnx(head, len(table.feature_names), task)
+    input_name = INPUTS[table.modality]
+    proto = export_onnx(head, X_test[:1], input_name, task)
+    spread = "std" if image else "scale"
     metadata = {
         "schema_version": SCHEMA_VERSION, "name": cfg.model_name, "version": version,
-        "model": f"{cfg.model_name}:{version}", "task": task, "input": INPUT_NAME,
-        "outputs": OUTPUTS[task], "feature_names": table.feature_names, "classes": table.classes,
-        "normalization": {"enabled": cfg.normalize, "mean": mean.tolist(), "scale": scale.tolist()},
+        "model": f"{cfg.model_name}:{version}", "task": task, "modality": table.modality,
+        "input": input_name, "outputs": OUTPUTS[task], "feature_names": table.feature_names,
+        "classes": table.classes,
+        "image": {"channels": int(table.X.shape[1]), "height": int(table.X.shape[2]),
+                  "width": int(table.X.shape[3]), "resize": table.resize} if image else None,
+        "normalization": {"enabled": cfg.normalize, "mean": mean.tolist(), spread: scale.tolist(),
+                          **({"pixel_scale": "1/255, then (x - mean) / std"} if image else {})},
         "target_normalization": None if classification else {"mean": y_mean, "scale": y_scale},
         "metrics": metrics, "versions": library_versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     set_metadata(proto, metadata)
-    parity = check_parity(proto, head, split.X_test, task)
+    parity = check_parity(proto, head, X_test.numpy(), input_name, task)
 
     card = {**metadata, "source": table.source, "rows": {"train": len(split.y_train),
             "validation": len(split.y_val), "test": len(split.y_test)},
@@ -200,9 +213,10 @@ def summary(result: Result) -> str:
     metric = "accuracy" if c["task"] == "classification" else "rmse"
     t = c["training"]
     what = (f"{len(c['classes'])} classes" if c["classes"] else "regression")
+    inputs = (f"{c['image']['channels']}x{c['image']['height']}x{c['image']['width']} images"
+              if c["image"] else f"{len(c['feature_names'])} features")
     rows = [
-        ("data", f"{c['source']}  ({sum(c['rows'].values())} rows, {len(c['feature_names'])} features, "
-                 f"{c['task']}, {what})"),
+        ("data", f"{c['source']}  ({sum(c['rows'].values())} rows, {inputs}, {c['task']}, {what})"),
         ("split", f"train {c['rows']['train']} / validation {c['rows']['validation']} / "
                   f"test {c['rows']['test']}"),
         ("epochs", f"{t['epochs_run']} (best {t['best_epoch']}"
@@ -215,7 +229,7 @@ def summary(result: Result) -> str:
         rows.append((f"{split_name} {metric}", f"{m[metric]:.4f}"
                      + "".join(f"   {k} {m[k]:.4f}" for k in extra) + f"   loss {m['loss']:.4f}"))
     rows += [("onnx parity", f"max |onnx - torch| = {c['parity']['max_abs_diff']:.2e} "
-                             f"over {c['parity']['rows']} test rows"),
+                             f"over {c['parity']['rows']} test inputs"),
              ("model", str(result.model_dir)),
              ("bentoml tag", result.tag or "(not saved: --no-store)")]
     width = max(len(k) for k, _ in rows)

@@ -1,4 +1,8 @@
-"""The network: training-split normalization as constants, then Linear -> BatchNorm1d -> ReLU blocks."""
+"""The networks: training-split normalization as constants, then Linear/Conv -> BatchNorm -> ReLU blocks.
+
+Each network takes raw inputs (float features, or uint8 images) and normalizes them itself, so
+the exported graph carries the statistics and nothing else has to apply them.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +20,31 @@ def fit_normalizer(X_train: np.ndarray, enabled: bool = True) -> tuple[np.ndarra
     from sklearn.preprocessing import StandardScaler
     scaler = StandardScaler().fit(X_train)  # ddof=0; a zero-variance feature gets scale 1
     return scaler.mean_, scaler.scale_
+
+
+def fit_channel_stats(images: np.ndarray, enabled: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (population, ddof=0) of uint8 [N, C, H, W] training
+    images on the 0..1 scale; a constant channel gets std 1. Disabled: mean 0, std 1."""
+    channels = images.shape[1]
+    if not enabled:
+        return np.zeros(channels), np.ones(channels)
+    x = images.astype(np.float64) / 255.0
+    mean, std = x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3))
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def image_transform(mean, std):
+    """uint8 images -> float 0..1 -> per-channel normalization, as a torchvision v2 pipeline: the
+    module used in training is the one exported into the graph (Cast, Mul, Sub, Div)."""
+    from torchvision.transforms import v2
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize([float(m) for m in mean], [float(s) for s in std])])
+
+
+def augmentation():
+    """Light, label-preserving changes applied to training batches only (uint8 in, uint8 out)."""
+    from torchvision.transforms import v2
+    return v2.RandomAffine(degrees=10, translate=(0.1, 0.1))
 
 
 class Standardize(nn.Module):
@@ -57,6 +86,34 @@ class TabularNet(nn.Module):
         return self.body(self.normalize(x))
 
 
+class ConvNet(nn.Module):
+    """torchvision normalization -> [Conv3x3 -> BatchNorm2d -> ReLU -> MaxPool2] x len(channels)
+    -> global average pool -> Dropout -> Linear. Takes uint8 [N, C, H, W]; returns logits."""
+
+    def __init__(self, in_channels: int, n_outputs: int, channels: list[int], batchnorm: bool = True,
+                 dropout: float = 0.0, mean=None, std=None, augment: bool = False):
+        super().__init__()
+        self.normalize = image_transform(np.zeros(in_channels) if mean is None else mean,
+                                         np.ones(in_channels) if std is None else std)
+        self.augment = augmentation() if augment else None
+        layers: list[nn.Module] = []
+        width = in_channels
+        for c in channels:
+            layers += [nn.Conv2d(width, c, 3, padding=1, bias=not batchnorm)]
+            layers += [nn.BatchNorm2d(c)] if batchnorm else []
+            layers += [nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+            width = c
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [nn.Dropout(dropout)] if dropout else []
+        layers.append(nn.Linear(width, n_outputs))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.training and self.augment is not None:
+            images = self.augment(images)
+        return self.body(self.normalize(images))
+
+
 class Classifier(nn.Module):
     """Export head: raw features -> (class probabilities, class index)."""
 
@@ -64,8 +121,8 @@ class Classifier(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, features: torch.Tensor):
-        probabilities = torch.softmax(self.net(features), dim=-1)
+    def forward(self, inputs: torch.Tensor):
+        probabilities = torch.softmax(self.net(inputs), dim=-1)
         return probabilities, probabilities.argmax(dim=-1)
 
 
