@@ -14,7 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import torch_reference
+from conftest import quick_config, torch_reference
+from training.fit import run
 from training.contract import decode_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,12 +179,12 @@ def test_serve_without_a_model_stops_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_serves_the_newest_model_without_model_tag(classifier, regressor):
+def test_serves_the_newest_model_without_model_tag(tmp_path, csv_path):
+    newest = run(quick_config(tmp_path, data=str(csv_path), target="label", epochs=1))
     code = "import service.service as s; print(s.MODEL_TAG)"
     env = {k: v for k, v in os.environ.items() if k != "MODEL_TAG"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
-    newest = max([classifier, regressor], key=lambda r: r.card["created_at"])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == newest.tag
 
@@ -198,3 +199,12 @@ def test_bentoml_build_packages_the_model(classifier):
                           capture_output=True, text=True, timeout=120)
     (service,) = json.loads(info.stdout)["services"]
     assert [m["tag"] for m in service["models"]] == [classifier.tag]
+
+
+def test_image_upload_to_a_table_model_is_refused(server):
+    boundary = "b"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n"
+            f"PNG\r\n--{boundary}--\r\n").encode()
+    status, answer = request(server + "/predict_image", body,
+                             content_type=f"multipart/form-data; boundary={boundary}")
+    assert status == 400 and "this model takes table rows, not images" in answer["error"]

@@ -26,7 +26,7 @@ def read_image(source: str | Path | bytes, channels: int, size: tuple[int, int] 
             img = img.convert(MODES[channels])
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.array(img, dtype=np.uint8)  # a writable copy
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         name = "the upload" if isinstance(source, bytes) else str(source)
         raise ImageError(f"{name} is not a readable PNG or JPEG image ({type(e).__name__})") from None
