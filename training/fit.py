@@ -77,11 +77,39 @@ def _resume_state(cfg: Config) -> dict:
     return state
 
 
-def run(cfg: Config) -> Result:
-    """Load, split, normalize, train, evaluate, export and save. Raises DataError, ConfigError or
-    ExportError with a one-line message; on any error nothing is written to models/<name>/<version>."""
-    started = time.perf_counter()
-    table = load_table(cfg)
+@dataclass
+class Trained:
+    """A trained network (best weights restored, eval mode, on the CPU) and what produced it."""
+    net: TabularNet | ConvNet
+    table: Table
+    split: Split
+    tensors: dict[str, torch.Tensor]  # the splits as the network takes them (targets standardized)
+    mean: np.ndarray                  # input normalization, from the training split
+    scale: np.ndarray
+    y_mean: float                     # regression target standardization (0, 1 for classification)
+    y_scale: float
+    history: list[dict]
+    best_epoch: int
+    stopped_early: bool
+    seconds: float
+    device: torch.device
+    version: str
+    resumed: bool
+
+
+def build_network(cfg: Config, table: Table, mean, scale) -> TabularNet | ConvNet:
+    n_out = len(table.classes) if table.task == "classification" else 1
+    if table.modality == "image":
+        return ConvNet(table.X.shape[1], n_out, cfg.channels, cfg.batchnorm, cfg.dropout, mean, scale,
+                       cfg.augment)
+    return TabularNet(len(table.feature_names), n_out, cfg.hidden, cfg.batchnorm, cfg.dropout,
+                      mean, scale)
+
+
+def train(cfg: Config, table: Table | None = None, checkpoints: bool = True) -> Trained:
+    """Load and split the data (unless given), fit the normalization on the training split,
+    train with early stopping and restore the best epoch's weights."""
+    table = table or load_table(cfg)
     split = split_table(table, cfg.val_size, cfg.test_size, cfg.seed)
     device = pick_device(cfg.device)
     task, classification = table.task, table.task == "classification"
@@ -94,22 +122,13 @@ def run(cfg: Config) -> Result:
     y_mean, y_scale = 0.0, 1.0
     if not classification:  # regression targets are learned standardized, exported in their units
         y_mean, y_scale = float(split.y_train.mean()), float(split.y_train.std()) or 1.0
-    n_out = len(table.classes) if classification else 1
-
     torch.manual_seed(cfg.seed)
-    if image:
-        net = ConvNet(table.X.shape[1], n_out, cfg.channels, cfg.batchnorm, cfg.dropout, mean, scale,
-                      cfg.augment).to(device)
-    else:
-        net = TabularNet(len(table.feature_names), n_out, cfg.hidden, cfg.batchnorm, cfg.dropout,
-                         mean, scale).to(device)
-    x_dtype = torch.uint8 if image else torch.float32
-    y_dtype = torch.int64 if classification else torch.float32
+    net = build_network(cfg, table, mean, scale).to(device)
     scale_y = (lambda y: y) if classification else (lambda y: (y - y_mean) / y_scale)
     X_train, y_train, X_val, y_val, X_test, y_test = engine.to_device(
         [split.X_train, scale_y(split.y_train), split.X_val, scale_y(split.y_val),
-         split.X_test, scale_y(split.y_test)],
-        device, [x_dtype, y_dtype] * 3)
+         split.X_test, scale_y(split.y_test)], device,
+        [torch.uint8 if image else torch.float32, torch.int64 if classification else torch.float32] * 3)
 
     Optim = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
     extra = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
@@ -131,7 +150,8 @@ def run(cfg: Config) -> Result:
         best_state, start_epoch, elapsed_before = state["best_state"], state["epoch"], state["elapsed"]
 
     ckpt = checkpoint_path(cfg)
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if checkpoints:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
     train_started = time.perf_counter()
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"train {cfg.model_name}", unit="epoch",
                initial=start_epoch, total=cfg.epochs, disable=not cfg.progress, file=sys.stderr)
@@ -142,69 +162,88 @@ def run(cfg: Config) -> Result:
                                             cfg.batch_size, generator)
         val = engine.evaluate(net, X_val, y_val, task, y_mean, y_scale)
         schedule.after_epoch(val[metric])
+        elapsed = elapsed_before + time.perf_counter() - train_started
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                        f"val_{metric}": val[metric], "lr": lr})
+                        f"val_{metric}": val[metric], "lr": lr, "seconds": round(elapsed, 4)})
         if engine.is_better(val, best, task):
             best, best_epoch = val, epoch + 1
             best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         bar.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val[metric]:.4f}"},
                         lr=f"{lr:.2e}")
-        done = cfg.patience and epoch + 1 - best_epoch >= cfg.patience
-        engine.save_checkpoint(ckpt, {
-            "config": cfg.to_dict(), "version": version, "epoch": epoch + 1,
-            "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(), "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": history, "best": best,
-            "best_epoch": best_epoch, "best_state": best_state,
-            "elapsed": elapsed_before + time.perf_counter() - train_started})
-        if done:
-            stopped_early = True
+        stopped_early = bool(cfg.patience and epoch + 1 - best_epoch >= cfg.patience)
+        if checkpoints:
+            engine.save_checkpoint(ckpt, {
+                "config": cfg.to_dict(), "version": version, "epoch": epoch + 1,
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "history": history, "best": best,
+                "best_epoch": best_epoch, "best_state": best_state, "elapsed": elapsed})
+        if stopped_early:
             break
     bar.close()
-    train_seconds = elapsed_before + time.perf_counter() - train_started
 
     net.load_state_dict(best_state)
-    net = net.cpu().eval()
-    X_train, y_train, X_val, y_val, X_test, y_test = (t.cpu() for t in
-                                                      (X_train, y_train, X_val, y_val, X_test, y_test))
-    metrics = {"train": engine.evaluate(net, X_train, y_train, task, y_mean, y_scale),
-               "validation": engine.evaluate(net, X_val, y_val, task, y_mean, y_scale),
-               "test": engine.evaluate(net, X_test, y_test, task, y_mean, y_scale)}
+    tensors = dict(zip(["X_train", "y_train", "X_val", "y_val", "X_test", "y_test"],
+                       (t.cpu() for t in (X_train, y_train, X_val, y_val, X_test, y_test))))
+    return Trained(net.cpu().eval(), table, split, tensors, mean, scale, y_mean, y_scale, history,
+                   best_epoch, stopped_early, elapsed_before + time.perf_counter() - train_started,
+                   device, version, bool(state))
 
-    head = serving_model(net, task, y_mean, y_scale)
-    input_name = INPUTS[table.modality]
-    proto = export_onnx(head, X_test[:1], input_name, task)
+
+def evaluate_splits(t: Trained) -> dict[str, dict[str, float]]:
+    return {name: engine.evaluate(t.net, t.tensors[f"X_{key}"], t.tensors[f"y_{key}"], t.table.task,
+                                  t.y_mean, t.y_scale)
+            for name, key in (("train", "train"), ("validation", "val"), ("test", "test"))}
+
+
+def model_metadata(cfg: Config, t: Trained, metrics: dict) -> dict:
+    """What the ONNX file says about itself (training/contract.py)."""
+    table, image = t.table, t.table.modality == "image"
     spread = "std" if image else "scale"
-    metadata = {
-        "schema_version": SCHEMA_VERSION, "name": cfg.model_name, "version": version,
-        "model": f"{cfg.model_name}:{version}", "task": task, "modality": table.modality,
-        "input": input_name, "outputs": OUTPUTS[task], "feature_names": table.feature_names,
-        "classes": table.classes,
+    return {
+        "schema_version": SCHEMA_VERSION, "name": cfg.model_name, "version": t.version,
+        "model": f"{cfg.model_name}:{t.version}", "task": table.task, "modality": table.modality,
+        "input": INPUTS[table.modality], "outputs": OUTPUTS[table.task],
+        "feature_names": table.feature_names, "classes": table.classes,
         "image": {"channels": int(table.X.shape[1]), "height": int(table.X.shape[2]),
                   "width": int(table.X.shape[3]), "resize": table.resize} if image else None,
-        "normalization": {"enabled": cfg.normalize, "mean": mean.tolist(), spread: scale.tolist(),
+        "normalization": {"enabled": cfg.normalize, "mean": t.mean.tolist(), spread: t.scale.tolist(),
                           **({"pixel_scale": "1/255, then (x - mean) / std"} if image else {})},
-        "target_normalization": None if classification else {"mean": y_mean, "scale": y_scale},
+        "target_normalization": (None if table.task == "classification"
+                                 else {"mean": t.y_mean, "scale": t.y_scale}),
         "metrics": metrics, "versions": library_versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    set_metadata(proto, metadata)
-    parity = check_parity(proto, head, X_test.numpy(), input_name, task)
 
-    card = {**metadata, "source": table.source, "rows": {"train": len(split.y_train),
+
+def run(cfg: Config) -> Result:
+    """Load, split, normalize, train, evaluate, export and save. Raises DataError, ConfigError or
+    ExportError with a one-line message; on any error nothing is written to models/<name>/<version>."""
+    started = time.perf_counter()
+    t = train(cfg)
+    task, metrics = t.table.task, evaluate_splits(t)
+    head = serving_model(t.net, task, t.y_mean, t.y_scale)
+    metadata = model_metadata(cfg, t, metrics)
+    proto = export_onnx(head, t.tensors["X_test"][:1], metadata["input"], task)
+    set_metadata(proto, metadata)
+    parity = check_parity(proto, head, t.tensors["X_test"].numpy(), metadata["input"], task)
+
+    split = t.split
+    card = {**metadata, "source": t.table.source, "rows": {"train": len(split.y_train),
             "validation": len(split.y_val), "test": len(split.y_test)},
-            "dropped_rows_missing_target": table.dropped_rows, "stratified": split.stratified,
-            "training": {"epochs_run": len(history), "best_epoch": best_epoch,
-                         "stopped_early": bool(stopped_early), "seconds": round(train_seconds, 3),
-                         "device": str(device), "resumed": bool(state)},
-            "parity": parity, "config": cfg.to_dict(), "history": history}
-    out_dir = write_artifacts(Path(cfg.models_dir) / cfg.model_name / version, proto, card,
-                              yaml.safe_dump(cfg.to_dict(), sort_keys=False), history, metric)
+            "dropped_rows_missing_target": t.table.dropped_rows, "stratified": split.stratified,
+            "training": {"epochs_run": len(t.history), "best_epoch": t.best_epoch,
+                         "stopped_early": t.stopped_early, "seconds": round(t.seconds, 3),
+                         "device": str(t.device), "resumed": t.resumed},
+            "parity": parity, "config": cfg.to_dict(), "history": t.history}
+    out_dir = write_artifacts(Path(cfg.models_dir) / cfg.model_name / t.version, proto, card,
+                              yaml.safe_dump(cfg.to_dict(), sort_keys=False), t.history,
+                              engine.monitor(task)[0])
     card = json.loads((out_dir / "card.json").read_text())
-    tag = save_to_bentoml(out_dir, cfg.model_name, version, task) if cfg.store else None
-    ckpt.unlink(missing_ok=True)  # the run is complete; nothing is left to resume
+    tag = save_to_bentoml(out_dir, cfg.model_name, t.version, task) if cfg.store else None
+    checkpoint_path(cfg).unlink(missing_ok=True)  # the run is complete; nothing is left to resume
     card["total_seconds"] = round(time.perf_counter() - started, 2)
-    return Result(out_dir, tag, card, net, split, table)
+    return Result(out_dir, tag, card, t.net, split, t.table)
 
 
 def summary(result: Result) -> str:
