@@ -139,7 +139,7 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
     data = tmp_path / "big.csv"
     make_frame(n=6000).to_csv(data, index=False)
     args = [sys.executable, "-m", "training.fit", "--data", str(data), "--target", "label",
-            "--epochs", "30", "--patience", "0", "--hidden", "64,64", "--batch-size", "16",
+            "--epochs", "30", "--patience", "0", "--hidden", "64,64", "--batch-size", "16", "--lr", "0.005",
             "--no-progress", "--no-store", "--name", "resumed"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ckpt = tmp_path / "a" / "resumed" / "checkpoint.pt"
@@ -158,7 +158,7 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
 
     changed = subprocess.run(args + ["--models-dir", str(tmp_path / "a"), "--resume", "--lr", "0.1"],
                              cwd=ROOT, capture_output=True, text=True)
-    assert changed.returncode == 2 and "different config: lr=0.003 (now 0.1)" in changed.stderr
+    assert changed.returncode == 2 and "different config: lr=0.005 (now 0.1)" in changed.stderr
 
     resumed = subprocess.run(args + ["--models-dir", str(tmp_path / "a"), "--resume"], cwd=ROOT,
                              capture_output=True, text=True)

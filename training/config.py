@@ -47,7 +47,8 @@ class Config:
     augment: bool = _opt(False, "light random shifts and rotations of training images (images)")
     dropout: float = _opt(0.0, "dropout after each hidden block (0 = none)")
     optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"))
-    lr: float = _opt(3e-3, "learning rate (the peak rate for one-cycle)")
+    lr: float = _opt(1e-2, "learning rate (the peak rate for one-cycle)")
+    momentum: float = _opt(0.0, "momentum, for --optimizer sgd")
     weight_decay: float = _opt(1e-4, "weight decay")
     scheduler: str = _opt("onecycle", "learning-rate schedule", choices=SCHEDULERS)
     epochs: int = _opt(60, "maximum number of epochs")
@@ -96,7 +97,7 @@ class Config:
 # Fields that define what is trained: a checkpoint made under other values cannot be resumed.
 RUN_DEFINING = ("dataset", "data", "target", "features", "images", "image_size", "task", "val_size",
                 "test_size", "seed", "normalize", "batchnorm", "hidden", "channels", "augment",
-                "dropout", "optimizer", "lr", "weight_decay", "scheduler", "epochs", "batch_size")
+                "dropout", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "epochs", "batch_size")
 
 
 def _list_of(kind):

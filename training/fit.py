@@ -130,9 +130,11 @@ def train(cfg: Config, table: Table | None = None, checkpoints: bool = True) -> 
          split.X_test, scale_y(split.y_test)], device,
         [torch.uint8 if image else torch.float32, torch.int64 if classification else torch.float32] * 3)
 
-    Optim = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
-    extra = {"momentum": 0.9} if cfg.optimizer == "sgd" else {}
-    optimizer = Optim(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:  # plain SGD unless --momentum
+        optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
     metric, higher = engine.monitor(task)
     schedule = engine.LRSchedule(cfg.scheduler, optimizer, cfg.lr, cfg.epochs,
                                  engine.steps_per_epoch(len(X_train), cfg.batch_size),
