@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("n, batch, expected", [(128, 64, [64, 64]), (129, 64, [64, 65]),
                                                 (130, 64, [64, 64, 2]), (5, 64, [5])])
 def test_batches_cover_every_row_once_and_never_leave_one_row(n, batch, expected):
-    idx = engine.batch_indices(n, batch, torch.Generator().manual_seed(0), "cpu")
-    assert [len(i) for i in idx] == expected == [len(i) for i in idx]
-    assert sorted(torch.cat(idx).tolist()) == list(range(n))
+    X = torch.arange(n, dtype=torch.float32)[:, None]
+    batches = engine.shuffled_batches(X, torch.arange(n), batch, torch.Generator().manual_seed(0))
+    assert [len(xb) for xb, _ in batches] == expected
+    assert sorted(torch.cat([yb for _, yb in batches]).tolist()) == list(range(n))
+    assert all(torch.equal(xb[:, 0].long(), yb) for xb, yb in batches)  # rows stay with targets
     assert engine.steps_per_epoch(n, batch) == len(expected)
 
 

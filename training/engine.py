@@ -1,7 +1,8 @@
 """One epoch of training, evaluation, the learning-rate schedule and checkpoints.
 
-The data sit on the device as whole tensors; a batch is a slice of a random permutation, which
-is several times faster than a per-row DataLoader for tables.
+The data sit on the device as whole tensors. Each epoch permutes them once and takes batches as
+contiguous slices (views, no copy): much less per-step work than a per-row DataLoader, or than
+gathering each batch by index (benchmarks/train_speed.py).
 """
 from __future__ import annotations
 
@@ -22,11 +23,24 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return steps - 1 if steps > 1 and n % batch_size == 1 else steps
 
 
-def batch_indices(n: int, batch_size: int, generator: torch.Generator, device) -> list[torch.Tensor]:
-    perm = torch.randperm(n, generator=generator).to(device)
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     steps = steps_per_epoch(n, batch_size)
     bounds = [i * batch_size for i in range(steps)] + [n]
-    return [perm[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def shuffled_batches(X: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """(inputs, targets) batches of one epoch in a random order: one gather, then views."""
+    perm = torch.randperm(len(X), generator=generator).to(X.device)
+    X, y = X[perm], y[perm]
+    return [(X[a:b], y[a:b]) for a, b in batch_bounds(len(X), batch_size)]
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float = 0.0):
+    """AdamW uses the fused kernel: one call per step instead of a loop over parameters."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 # One-cycle shape: a short warm-up (the first 5% of steps) from lr / 5, then a long cosine
@@ -97,14 +111,14 @@ def train_one_epoch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: st
     total, rows = torch.zeros((), device=X.device), 0
     # bf16 autocast on CUDA: no gradient scaler needed, unlike fp16.
     with torch.autocast(X.device.type, dtype=torch.bfloat16, enabled=X.device.type == "cuda"):
-        for idx in batch_indices(len(X), batch_size, generator, X.device):
-            loss = compute_loss(model(X[idx]), y[idx])
+        for xb, yb in shuffled_batches(X, y, batch_size, generator):
+            loss = compute_loss(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.after_batch()
-            total += loss.detach() * len(idx)  # stays on the device: no sync per batch
-            rows += len(idx)
+            total += loss.detach() * len(xb)  # stays on the device: no sync per batch
+            rows += len(xb)
     return float(total) / rows
 
 

@@ -130,11 +130,8 @@ def train(cfg: Config, table: Table | None = None, checkpoints: bool = True) -> 
          split.X_test, scale_y(split.y_test)], device,
         [torch.uint8 if image else torch.float32, torch.int64 if classification else torch.float32] * 3)
 
-    if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:  # plain SGD unless --momentum
-        optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
+    optimizer = engine.make_optimizer(net.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                      cfg.momentum)
     metric, higher = engine.monitor(task)
     schedule = engine.LRSchedule(cfg.scheduler, optimizer, cfg.lr, cfg.epochs,
                                  engine.steps_per_epoch(len(X_train), cfg.batch_size),

@@ -76,7 +76,7 @@ class TabularNet(nn.Module):
             # A bias before BatchNorm is cancelled by its mean subtraction.
             layers += [nn.Linear(width, h, bias=not batchnorm)]
             layers += [nn.BatchNorm1d(h)] if batchnorm else []
-            layers += [nn.ReLU()]
+            layers += [nn.ReLU(inplace=True)]  # neither BatchNorm nor Linear needs its output back
             layers += [nn.Dropout(dropout)] if dropout else []
             width = h
         layers.append(nn.Linear(width, n_outputs))
@@ -101,7 +101,7 @@ class ConvNet(nn.Module):
         for c in channels:
             layers += [nn.Conv2d(width, c, 3, padding=1, bias=not batchnorm)]
             layers += [nn.BatchNorm2d(c)] if batchnorm else []
-            layers += [nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
             width = c
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         layers += [nn.Dropout(dropout)] if dropout else []
