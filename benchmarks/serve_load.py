@@ -1,10 +1,13 @@
-"""Load-test the prediction service: single-row and 1000-row requests at several concurrencies.
+"""Serving throughput and latency: the BentoML service vs. a bare Starlette app vs. in-process
+onnxruntime, on the same ONNX file, with the same load generator.
 
-    python -m benchmarks.serve_load                 # starts `bentoml serve` on the newest model
-    python -m benchmarks.serve_load --url http://127.0.0.1:3000   # an already running service
+    python -m benchmarks.serve_load                         # newest model (or MODEL_TAG)
+    python -m benchmarks.serve_load --seconds 2 --soak 5000 # quicker
 
-Prints requests/s, rows/s, p50/p99 latency and errors per case, and writes JSON to
-benchmarks/results/serve_load.json. A benchmark, run on demand; never part of the test suite.
+Each server runs pinned to core 0 with one worker; the asyncio client runs on core 1. For each
+server: single-row requests at 1, 8 and 32 concurrent clients, 1000-row requests at 1 and 8, the
+start-up time to /readyz, and the server's memory (all its processes) before and after a soak of
+--soak single-row requests. Prints a table; writes benchmarks/results/serve_load.json.
 """
 from __future__ import annotations
 
@@ -12,16 +15,21 @@ import argparse
 import asyncio
 import json
 import os
-import platform
+import shutil
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import numpy as np
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SERVER_CORE, CLIENT_CORE = 0, 1
 
 
 def free_port() -> int:
@@ -30,38 +38,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(env: dict) -> tuple[subprocess.Popen, str, float]:
-    """`bentoml serve` on a free loopback port; returns the process, its URL and seconds to /readyz."""
-    import urllib.request
+def pinned(cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", str(SERVER_CORE), *cmd] if shutil.which("taskset") else cmd
+
+
+def start(kind: str, model_path: str, env: dict) -> tuple[subprocess.Popen, str, float]:
+    """Start a server; returns the process, its URL and the seconds until /readyz answered 200."""
     port = free_port()
+    if kind == "bentoml":
+        cmd = ["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning", "--no-access-log"]
+        env = {**env, "MODEL_PATH": model_path}
     started = time.perf_counter()
-    proc = subprocess.Popen(["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(pinned(cmd), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     while time.perf_counter() - started < 120:
         if proc.poll() is not None:
-            raise SystemExit(f"bentoml serve exited: {proc.stderr.read().decode()[-500:]}")
+            raise SystemExit(f"{kind} server exited: {proc.stderr.read().decode()[-800:]}")
         try:
             with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
                 if r.status == 200:
                     return proc, url, time.perf_counter() - started
         except OSError:
-            time.sleep(0.05)
+            time.sleep(0.02)
     proc.kill()
-    raise SystemExit("bentoml serve did not become ready in 120 s")
+    raise SystemExit(f"{kind} server did not become ready in 120 s")
 
 
-async def load(url: str, body: bytes, concurrency: int, seconds: float) -> dict:
-    """`concurrency` clients posting `body` back to back for `seconds`."""
+def tree_rss_mb(proc: subprocess.Popen) -> float:
+    p = psutil.Process(proc.pid)
+    return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2 ** 20
+
+
+async def load(url: str, body: bytes, concurrency: int, seconds: float | None = None,
+               requests: int | None = None) -> dict:
+    """`concurrency` clients posting `body` back to back, for `seconds` or `requests` in all."""
     latencies: list[float] = []
     errors = 0
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    deadline = time.perf_counter() + (seconds or 1e9)
+    remaining = requests if requests is not None else float("inf")
     headers = {"Content-Type": "application/json"}
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         async def client():
-            nonlocal errors
-            while time.perf_counter() < deadline:
+            nonlocal errors, remaining
+            while time.perf_counter() < deadline and remaining > 0:
+                remaining -= 1
                 t = time.perf_counter()
                 try:
                     async with session.post(url + "/predict", data=body, headers=headers) as r:
@@ -81,6 +105,26 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float) -> dict:
             "p99_ms": round(float(np.percentile(lat, 99)), 2)}
 
 
+def in_process(model_path: str, rows_list: list[np.ndarray], seconds: float) -> list[dict]:
+    """The compute ceiling: onnxruntime called directly, one thread, no HTTP and no JSON."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = []
+    for X in rows_list:
+        n, end = 0, time.perf_counter() + seconds
+        t = time.perf_counter()
+        while time.perf_counter() < end:
+            session.run(None, {name: X})
+            n += 1
+        rate = n / (time.perf_counter() - t)
+        out.append({"rows_per_request": len(X), "requests_per_s": round(rate, 1),
+                    "rows_per_s": round(rate * len(X), 1)})
+    return out
+
+
 def rows_for(meta: dict, n: int, seed: int = 0) -> list[list[float]]:
     """Plausible raw rows: drawn around the training mean with the training spread."""
     rng = np.random.default_rng(seed)
@@ -90,50 +134,78 @@ def rows_for(meta: dict, n: int, seed: int = 0) -> list[list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", help="an already running service (default: start one)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each case")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    parser.add_argument("--servers", default="bentoml,bare")
+    parser.add_argument("--seconds", type=float, default=4.0, help="duration of each case")
+    parser.add_argument("--soak", type=int, default=50_000, help="requests between memory readings")
     parser.add_argument("--big-rows", type=int, default=1000, help="rows per large request")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = parser.parse_args()
 
-    proc, startup = None, None
-    url = args.url
-    if not url:
-        env = {**os.environ, "MAX_ROWS": str(max(10_000, args.big_rows))}
-        proc, url, startup = start_service(env)
-    try:
-        import urllib.request
-        with urllib.request.urlopen(url + "/metadata") as r:
-            meta = json.load(r)
-        cases = []
-        for rows in (1, args.big_rows):
-            body = json.dumps({"instances": rows_for(meta, rows)}).encode()
-            for c in map(int, args.concurrency.split(",")):
-                result = asyncio.run(load(url, body, c, args.seconds))
-                result.update(rows_per_request=rows, concurrency=c,
-                              rows_per_s=round(result["requests_per_s"] * rows, 1))
-                cases.append(result)
-                print(f"  {rows:>5} row(s) x {c:>2} clients: {result['requests_per_s']:>8.1f} req/s",
-                      flush=True)
-    finally:
-        if proc:
+    import bentoml
+    from service.service import resolve_model_tag
+    tag = resolve_model_tag()
+    model_path = bentoml.models.get(tag).path_of("model.onnx")
+    env = {**os.environ, "MODEL_TAG": tag, "MAX_ROWS": str(max(10_000, args.big_rows)),
+           "WORKERS": "1"}
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {CLIENT_CORE})
+    cases = [(1, 1), (1, 8), (1, 32), (args.big_rows, 1), (args.big_rows, 8)]
+    report: dict = {"model": tag, "cores": os.cpu_count(), "seconds_per_case": args.seconds,
+                    "soak_requests": args.soak, "servers": {}}
+    for kind in args.servers.split(","):
+        proc, url, startup = start(kind, model_path, env)
+        try:
+            with urllib.request.urlopen(url + "/metadata") as r:
+                meta = json.load(r)
+            bodies = {n: json.dumps({"instances": rows_for(meta, n)}).encode()
+                      for n in {rows for rows, _ in cases}}
+            asyncio.run(load(url, bodies[1], 8, requests=2000))  # warm-up
+            results = []
+            for rows, c in cases:
+                r = asyncio.run(load(url, bodies[rows], c, seconds=args.seconds))
+                r.update(rows_per_request=rows, concurrency=c,
+                         rows_per_s=round(r["requests_per_s"] * rows, 1))
+                results.append(r)
+                print(f"  {kind:<8} {rows:>5} row(s) x {c:>2} clients: {r['requests_per_s']:>8.1f} "
+                      f"req/s, p99 {r['p99_ms']} ms, errors {r['errors']}", flush=True)
+            before = tree_rss_mb(proc)
+            soak = asyncio.run(load(url, bodies[1], 32, requests=args.soak))
+            after = tree_rss_mb(proc)
+            print(f"  {kind:<8} soak {soak['requests']} requests: {before:.1f} -> {after:.1f} MB, "
+                  f"errors {soak['errors']}", flush=True)
+            report["servers"][kind] = {"startup_s": round(startup, 3), "cases": results,
+                                       "memory_before_mb": round(before, 1),
+                                       "memory_after_mb": round(after, 1), "soak": soak}
+        finally:
             proc.terminate()
             proc.wait(timeout=30)
+    X1 = np.asarray(rows_for(meta, 1), dtype=np.float32)
+    Xn = np.asarray(rows_for(meta, args.big_rows), dtype=np.float32)
+    report["in_process"] = in_process(model_path, [X1, Xn], min(args.seconds, 2.0))
 
-    print(f"\nmodel {meta['model']} ({len(meta['feature_names'])} features), "
-          f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}"
-          + (f", start-up to /readyz {startup:.2f} s" if startup else ""))
-    header = f"{'rows/req':>8} {'clients':>7} {'req/s':>9} {'rows/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+    print(f"\nmodel {tag} ({len(meta['feature_names'])} features); servers pinned to core "
+          f"{SERVER_CORE}, client on core {CLIENT_CORE}, one worker")
+    header = (f"{'server':<12} {'rows/req':>8} {'clients':>7} {'req/s':>9} {'rows/s':>11} "
+              f"{'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
     print(header + "\n" + "-" * len(header))
-    for r in cases:
-        print(f"{r['rows_per_request']:>8} {r['concurrency']:>7} {r['requests_per_s']:>9.1f} "
-              f"{r['rows_per_s']:>11.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['errors']:>6}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": meta["model"], "startup_s": startup, "cores": os.cpu_count(),
-                               "seconds_per_case": args.seconds, "cases": cases}, indent=2) + "\n")
-    print(f"\nwritten to {out}")
+    for kind, s in report["servers"].items():
+        for r in s["cases"]:
+            print(f"{kind:<12} {r['rows_per_request']:>8} {r['concurrency']:>7} {r['requests_per_s']:>9.1f} "
+                  f"{r['rows_per_s']:>11.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['errors']:>6}")
+    for r in report["in_process"]:
+        print(f"{'in-process':<12} {r['rows_per_request']:>8} {'-':>7} {r['requests_per_s']:>9.1f} "
+              f"{r['rows_per_s']:>11.0f}")
+    print()
+    for kind, s in report["servers"].items():
+        print(f"{kind}: start-up to /readyz {s['startup_s']:.2f} s; memory {s['memory_before_mb']:.1f} -> "
+              f"{s['memory_after_mb']:.1f} MB over {s['soak']['requests']} requests "
+              f"({s['memory_after_mb'] - s['memory_before_mb']:+.1f} MB), soak errors {s['soak']['errors']}")
+    if {"bentoml", "bare"} <= set(report["servers"]):
+        b, r = (report["servers"][k]["cases"] for k in ("bentoml", "bare"))
+        for i, (rows, c) in enumerate(cases):
+            print(f"bentoml / bare at {rows} row(s) x {c}: {b[i]['requests_per_s'] / r[i]['requests_per_s']:.2f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten to {RESULTS / 'serve_load.json'}")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ nested lists [channels][height][width] of integers 0..255.
 """
 from __future__ import annotations
 
+import io
+import json
 import math
 from itertools import chain
 
 import numpy as np
+import orjson
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 NUMBER_TYPES = {int, float}
@@ -80,14 +83,35 @@ def _first_bad_value(rows: list[list], feature_names: list[str]) -> str:
     return "a value is not a finite number"
 
 
+def parse_body(body: bytes):
+    """The `instances` of a JSON request body `{"instances": [...]}`."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:  # the standard parser accepts NaN and Infinity, which the checks then name by row
+            doc = json.loads(body)
+        except ValueError as e:
+            raise BadRequest(f"malformed JSON: {e}") from None
+    if not isinstance(doc, dict) or "instances" not in doc:
+        raise BadRequest('the body must be a JSON object {"instances": [...]}, got '
+                         + ("an object without 'instances'" if isinstance(doc, dict) else _describe(doc)))
+    if unknown := sorted(set(doc) - {"instances"}):
+        raise BadRequest(f"unknown field(s) in the body: {', '.join(map(str, unknown))}")
+    return doc["instances"]
+
+
 def _check_list(instances, max_rows: int, what: str) -> None:
     if not isinstance(instances, list):
         raise BadRequest(f"instances must be a list of {what}s, got {_describe(instances)}")
-    if not instances:
+    _check_count(len(instances), max_rows, what)
+
+
+def _check_count(n: int, max_rows: int, what: str) -> None:
+    if not n:
         raise BadRequest(f"instances is empty: send at least one {what}")
-    if len(instances) > max_rows:
-        raise BadRequest(f"instances has {len(instances)} {what}s; the limit is {max_rows} per "
-                         "request (split the request, or raise MAX_ROWS)", status=413)
+    if n > max_rows:
+        raise BadRequest(f"instances has {n} {what}s; the limit is {max_rows} per request "
+                         "(split the request, or raise MAX_ROWS)", status=413)
 
 
 def parse_instances(instances, feature_names: list[str], max_rows: int) -> np.ndarray:
@@ -101,8 +125,38 @@ def parse_instances(instances, feature_names: list[str], max_rows: int) -> np.nd
         X = np.array(rows, dtype=np.float64)
     except OverflowError:  # an integer too large even for float64
         raise BadRequest(_first_bad_value(rows, feature_names)) from None
-    if not (np.isfinite(X).all() and np.abs(X).max() <= FLOAT32_MAX):
+    if not _finite_float32(X):
         raise BadRequest(_first_bad_value(rows, feature_names))
+    return X.astype(np.float32)
+
+
+def _finite_float32(X: np.ndarray) -> bool:
+    return bool(np.isfinite(X).all() and np.abs(X).max() <= FLOAT32_MAX)
+
+
+def parse_npy(body: bytes, shape: tuple[int, ...], max_rows: int, image: bool) -> np.ndarray:
+    """A NumPy .npy array (np.save; never pickled objects) of shape [rows, *shape]: float or
+    integer values for tables, uint8 for images. The bulk path: no JSON to parse."""
+    if not body.startswith(b"\x93NUMPY"):
+        raise BadRequest("the body is not a .npy array (write it with numpy.save)")
+    try:
+        X = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadRequest(f"the body is not a .npy array: {e}") from None
+    if X.ndim != 1 + len(shape) or X.shape[1:] != shape:
+        raise BadRequest(f"expected an array of shape [rows, {', '.join(map(str, shape))}], "
+                         f"got {list(X.shape)}")
+    _check_count(len(X), max_rows, "image" if image else "row")
+    if image:
+        if X.dtype != np.uint8:
+            raise BadRequest(f"images must be uint8, got {X.dtype}")
+        return X
+    if X.dtype.kind not in "iuf":
+        raise BadRequest(f"expected a float or integer array, got {X.dtype}")
+    if not _finite_float32(X.astype(np.float64)):
+        bad = np.argwhere(~np.isfinite(X) | (np.abs(X.astype(np.float64)) > FLOAT32_MAX))[0]
+        raise BadRequest(f"row {bad[0]}, column {bad[1]}: expected a finite number in the float32 "
+                         f"range, got {X[tuple(bad)]}")
     return X.astype(np.float32)
 
 

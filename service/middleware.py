@@ -1,4 +1,9 @@
-"""ASGI middleware that answers bad uploads with a 4xx before BentoML's own parsing sees them."""
+"""ASGI middleware for the service: the JSON fast path of /predict, upload checks, and a fix for
+BentoML's request timer.
+
+BentoML adds these inside its own metrics, tracing and timeout middleware, so what they answer is
+still counted on /metrics.
+"""
 from __future__ import annotations
 
 import json
@@ -6,16 +11,69 @@ import json
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from service.inputs import parse_body
+
 UPLOAD_ROUTE = "/predict_image"
 UPLOAD_FIELD = "image"
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def _send_json(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _reply(send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await _send_json(send, status, json.dumps({"error": message}).encode())
+
+
+async def _read_body(receive) -> bytes | None:
+    """The whole request body, or None if the client went away."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+NPY_TYPES = (b"application/x-npy", b"application/octet-stream")
+
+
+class FastPredict:
+    """POST /predict with a JSON body (or a .npy array, for bulk scoring), answered here: orjson
+    parsing and the service's own checks and scoring (`answer`), without BentoML's generic
+    per-request parsing and validation, which cost more than scoring itself
+    (docs/benchmarks.md). Other requests pass through to the API."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        kind = _content_type(scope)
+        if (scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST"
+                or kind not in (b"application/json", *NPY_TYPES)):
+            return await self.app(scope, receive, send)
+        import bentoml
+        body = await _read_body(receive)
+        if body is None:
+            return
+        service = bentoml.get_current_service()
+        if kind == b"application/json":
+            status, payload = service.answer(lambda: service.check(parse_body(body)))
+        else:
+            status, payload = service.answer(lambda: service.check_npy(body))
+        await _send_json(send, status, payload)
+
+
+def _content_type(scope) -> bytes:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            return value.split(b";")[0].strip().lower()
+    return b"application/json"  # BentoML treats a request without a content type as JSON too
 
 
 class UploadGuard:
@@ -28,14 +86,9 @@ class UploadGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != UPLOAD_ROUTE or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        body = await _read_body(receive)
+        if body is None:
+            return
         replayed = False
 
         async def replay():
@@ -61,3 +114,39 @@ class UploadGuard:
                                            f"got field(s): {', '.join(fields) or 'none'}")
         replayed = False
         await self.app(scope, replay, send)
+
+
+def cancel_request_timers() -> None:
+    """Work around BentoML 1.4's TimeoutMiddleware, which arms a timer per request and never
+    cancels it: the timer holds the request's context (tracing span included) until it fires, so
+    memory grows with request rate x timeout. This subclass cancels the timer once the request is
+    done. BentoML looks the class up when it builds the app, after the service module is imported."""
+    import asyncio
+
+    from bentoml._internal.server.http import traffic
+
+    class CancellingTimeoutMiddleware(traffic.TimeoutMiddleware):
+        async def __call__(self, scope, receive, send):
+            if scope["type"] not in ("http", "websocket"):
+                return await self.app(scope, receive, send)
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+            async def _send(message):
+                if not waiter.done():
+                    waiter.set_result(None)
+                await send(message)
+
+            task = asyncio.ensure_future(self.app(scope, receive, _send))
+            try:
+                await waiter
+            except asyncio.TimeoutError:
+                if task.cancel():
+                    await _reply(send, 504, f"not able to process the request in {self.timeout} s")
+                return
+            finally:
+                timer.cancel()
+            await task
+
+    traffic.TimeoutMiddleware = CancellingTimeoutMiddleware
