@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import shutil
@@ -74,13 +75,13 @@ def tree_rss_mb(proc: subprocess.Popen) -> float:
 
 
 async def load(url: str, body: bytes, concurrency: int, seconds: float | None = None,
-               requests: int | None = None) -> dict:
+               requests: int | None = None, content_type: str = "application/json") -> dict:
     """`concurrency` clients posting `body` back to back, for `seconds` or `requests` in all."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + (seconds or 1e9)
     remaining = requests if requests is not None else float("inf")
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": content_type}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         async def client():
             nonlocal errors, remaining
@@ -167,6 +168,15 @@ def main() -> None:
                 results.append(r)
                 print(f"  {kind:<8} {rows:>5} row(s) x {c:>2} clients: {r['requests_per_s']:>8.1f} "
                       f"req/s, p99 {r['p99_ms']} ms, errors {r['errors']}", flush=True)
+            if kind == "bentoml":  # the bulk path: the same rows as a .npy array
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(rows_for(meta, args.big_rows), dtype=np.float32))
+                for c in (1, 8):
+                    r = asyncio.run(load(url, buf.getvalue(), c, seconds=args.seconds,
+                                         content_type="application/x-npy"))
+                    r.update(rows_per_request=args.big_rows, concurrency=c, format="npy",
+                             rows_per_s=round(r["requests_per_s"] * args.big_rows, 1))
+                    results.append(r)
             before = tree_rss_mb(proc)
             soak = asyncio.run(load(url, bodies[1], 32, requests=args.soak))
             after = tree_rss_mb(proc)
@@ -184,15 +194,16 @@ def main() -> None:
 
     print(f"\nmodel {tag} ({len(meta['feature_names'])} features); servers pinned to core "
           f"{SERVER_CORE}, client on core {CLIENT_CORE}, one worker")
-    header = (f"{'server':<12} {'rows/req':>8} {'clients':>7} {'req/s':>9} {'rows/s':>11} "
+    header = (f"{'server':<12} {'rows/req':>8} {'format':>6} {'clients':>7} {'req/s':>9} {'rows/s':>11} "
               f"{'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
     print(header + "\n" + "-" * len(header))
     for kind, s in report["servers"].items():
         for r in s["cases"]:
-            print(f"{kind:<12} {r['rows_per_request']:>8} {r['concurrency']:>7} {r['requests_per_s']:>9.1f} "
+            print(f"{kind:<12} {r['rows_per_request']:>8} {r.get('format', 'json'):>6} "
+                  f"{r['concurrency']:>7} {r['requests_per_s']:>9.1f} "
                   f"{r['rows_per_s']:>11.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['errors']:>6}")
     for r in report["in_process"]:
-        print(f"{'in-process':<12} {r['rows_per_request']:>8} {'-':>7} {r['requests_per_s']:>9.1f} "
+        print(f"{'in-process':<12} {r['rows_per_request']:>8} {'-':>6} {'-':>7} {r['requests_per_s']:>9.1f} "
               f"{r['rows_per_s']:>11.0f}")
     print()
     for kind, s in report["servers"].items():
