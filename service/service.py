@@ -2,8 +2,8 @@
 
 The service does no arithmetic on the inputs: it checks them (table rows, or uint8 images read by
 the same code training used), hands them to onnxruntime, and maps class indices to the training
-data's labels. `bentoml serve` (from the repository root) serves
-the model trained last; MODEL_TAG=<name>:<version> picks another.
+data's labels. `bentoml serve` (from the repository root) serves the model trained last;
+MODEL_TAG=<name>:<version> picks another.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ async def metadata_route(request: Request) -> JSONResponse:
     # Spans are recorded even with no exporter configured; TRACING=1 keeps them.
     tracing={"excluded_urls": None if os.environ.get("TRACING") == "1" else ".*"},
 )
-class TabularModel:
+class Predictor:
     model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
@@ -188,5 +188,5 @@ class TabularModel:
         return Response(self.score(pixels[None]), media_type="application/json")
 
 
-TabularModel.add_asgi_middleware(UploadGuard)
-TabularModel.add_asgi_middleware(FastPredict)
+Predictor.add_asgi_middleware(UploadGuard)
+Predictor.add_asgi_middleware(FastPredict)
