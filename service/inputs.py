@@ -14,6 +14,8 @@ from itertools import chain
 import numpy as np
 import orjson
 
+from training.contract import category_text
+
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 NUMBER_TYPES = {int, float}
 
@@ -41,7 +43,7 @@ def _describe(value) -> str:
     if isinstance(value, int) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits, outside the float32 range"
     if isinstance(value, (int, float)):
-        return f"{value!r}, outside the float32 range"
+        return f"{value!r}, outside the float32 range" if abs(value) > FLOAT32_MAX else f"the number {value!r}"
     return type(value).__name__ if not isinstance(value, (list, dict)) else (
         "a list" if isinstance(value, list) else "an object")
 
@@ -189,3 +191,30 @@ def parse_images(instances, shape: tuple[int, int, int], max_rows: int) -> np.nd
         if problem := _image_problem(img, shape):
             raise BadRequest(f"image {i} (shape {list(shape)}, channels x height x width): {problem}")
     return np.array(instances, dtype=np.uint8)
+
+
+def parse_records(instances, columns: list[dict], max_rows: int) -> dict[str, np.ndarray]:
+    """Rows of a mixed table (records keyed by column name, or lists in training order) as the
+    graph's per-column inputs: numbers or null for numeric columns (null -> NaN, imputed in the
+    graph), text or null for categorical ones (null -> "", the missing category)."""
+    _check_list(instances, max_rows, "row")
+    names = [c["name"] for c in columns]
+    rows = [_row_values(i, row, names) for i, row in enumerate(instances)]
+    feeds = {}
+    for j, column in enumerate(columns):
+        values = [row[j] for row in rows]
+        if column["type"] == "numeric":
+            for i, v in enumerate(values):
+                if v is not None and not _is_number(v):
+                    raise BadRequest(f"row {i}, column {column['name']!r}: expected a number or "
+                                     f"null, got {_describe(v)}")
+            feeds[column["name"]] = np.array([np.nan if v is None else v for v in values],
+                                             dtype=np.float32).reshape(-1, 1)
+        else:
+            for i, v in enumerate(values):
+                if v is not None and type(v) not in (str, int, bool):
+                    raise BadRequest(f"row {i}, column {column['name']!r}: expected text or null, "
+                                     f"got {_describe(v)}")
+            feeds[column["name"]] = np.array([category_text(v) for v in values],
+                                             dtype=object).reshape(-1, 1)
+    return feeds

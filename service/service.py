@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.inputs import BadRequest, parse_images, parse_instances, parse_npy
+from service.inputs import BadRequest, parse_images, parse_instances, parse_npy, parse_records
 from service.middleware import FastPredict, UploadGuard, cancel_request_timers
 from training.contract import OUTPUTS, REQUIRED_METADATA, decode_metadata
 from training.images import ImageError, read_image
@@ -66,7 +66,7 @@ def open_model(path: str, threads: int = 1):
     if missing := [k for k in REQUIRED_METADATA if k not in meta]:
         fail(f"{MODEL_TAG}: model.onnx lacks metadata {', '.join(missing)}; "
              "was it exported by `python -m training.fit`?")
-    if meta["task"] not in OUTPUTS or meta["modality"] not in ("table", "image"):
+    if meta["task"] not in OUTPUTS or meta["modality"] not in ("table", "image", "mixed"):
         fail(f"{MODEL_TAG}: unknown task or modality in the model metadata")
     return session, meta
 
@@ -109,23 +109,27 @@ class Predictor:
         self.session, meta = open_model(self.model.path_of("model.onnx"), threads)
         self.task, self.feature_names = meta["task"], meta["feature_names"]
         self.classes, self.input, self.image = meta["classes"], meta["input"], meta["image"]
+        self.columns = meta["columns"]  # mixed tables: one graph input per column
         self.outputs = OUTPUTS[self.task]
         self.metadata = {k: meta.get(k) for k in (
-            "model", "task", "modality", "input", "outputs", "feature_names", "image", "classes",
+            "model", "task", "modality", "input", "outputs", "feature_names", "columns", "image",
+            "classes",
             "normalization", "target_normalization", "metrics", "versions", "created_at",
             "schema_version")}
         self.metadata["max_rows"] = MAX_ROWS
         if self.image:
             self.shape = (self.image["channels"], self.image["height"], self.image["width"])
-            example = np.zeros((1, *self.shape), np.uint8)
+            example = {self.input: np.zeros((1, *self.shape), np.uint8)}
+        elif self.columns:
+            example = parse_records([[None] * len(self.columns)], self.columns, 1)
         else:
-            example = np.zeros((1, len(self.feature_names)), np.float32)
+            example = {self.input: np.zeros((1, len(self.feature_names)), np.float32)}
         # Warm-up: the first run allocates; /readyz turns ready only after __init__ returns.
-        self.session.run(self.outputs, {self.input: example})
+        self.session.run(self.outputs, example)
 
-    def score(self, X: np.ndarray) -> bytes:
+    def score(self, feeds: dict[str, np.ndarray]) -> bytes:
         """Run the graph on checked raw inputs; the answer as JSON bytes."""
-        out = self.session.run(self.outputs, {self.input: X})
+        out = self.session.run(self.outputs, feeds)
         if self.task == "classification":
             probabilities, labels = out
             body = {"predictions": [self.classes[i] for i in labels.tolist()],
@@ -135,25 +139,29 @@ class Predictor:
         # orjson writes numpy arrays directly (float32 in its shortest exact form).
         return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
-    def check(self, instances) -> np.ndarray:
-        """The `instances` of a JSON request as the array the graph takes."""
+    def check(self, instances) -> dict[str, np.ndarray]:
+        """The `instances` of a JSON request as the graph's inputs."""
         if self.image:
-            return parse_images(instances, self.shape, MAX_ROWS)
-        return parse_instances(instances, self.feature_names, MAX_ROWS)
+            return {self.input: parse_images(instances, self.shape, MAX_ROWS)}
+        if self.columns:
+            return parse_records(instances, self.columns, MAX_ROWS)
+        return {self.input: parse_instances(instances, self.feature_names, MAX_ROWS)}
 
-    def check_npy(self, body: bytes) -> np.ndarray:
+    def check_npy(self, body: bytes) -> dict[str, np.ndarray]:
+        if self.columns:
+            raise BadRequest("this model takes records with text columns: send JSON")
         shape = self.shape if self.image else (len(self.feature_names),)
-        return parse_npy(body, shape, MAX_ROWS, image=bool(self.image))
+        return {self.input: parse_npy(body, shape, MAX_ROWS, image=bool(self.image))}
 
     def answer(self, inputs) -> tuple[int, bytes]:
-        """(HTTP status, JSON body) for a /predict request; `inputs()` returns the checked array
-        or raises BadRequest. One code path for the API below and its fast path in
+        """(HTTP status, JSON body) for a /predict request; `inputs()` returns the checked graph
+        inputs or raises BadRequest. One code path for the API below and its fast path in
         service/middleware.py."""
         try:
-            X = inputs()
+            feeds = inputs()
         except BadRequest as e:
             return e.status, orjson.dumps({"error": str(e)})
-        return 200, self.score(X)
+        return 200, self.score(feeds)
 
     @bentoml.api(route="/predict")
     async def predict(
@@ -185,7 +193,7 @@ class Predictor:
                                  "are not resized)")
         except (BadRequest, ImageError) as e:
             return JSONResponse({"error": str(e)}, status_code=getattr(e, "status", 400))
-        return Response(self.score(pixels[None]), media_type="application/json")
+        return Response(self.score({self.input: pixels[None]}), media_type="application/json")
 
 
 Predictor.add_asgi_middleware(UploadGuard)

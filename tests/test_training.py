@@ -109,10 +109,10 @@ def test_config_file_supplies_defaults_that_flags_override(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--data", "{dir}/missing.csv", "--target", "y"], "data file not found: {dir}/missing.csv"),
     (["--data", "{dir}/messy.csv", "--target", "nope"], "target column 'nope' not found"),
-    (["--data", "{dir}/messy.csv", "--target", "label", "--features", "income,colour"],
-     "not numeric: colour"),
-    (["--data", "{dir}/messy.csv", "--target", "label", "--features", "income,age"],
-     "missing values: age (2 rows)"),
+    (["--data", "{dir}/messy.csv", "--target", "label", "--features", "income,colour",
+      "--numeric", "colour"], "--numeric column 'colour' has 60 rows that are not numbers"),
+    (["--data", "{dir}/messy.csv", "--target", "label", "--drop", "height"],
+     "--drop names column(s) not found: height"),
     (["--data", "{dir}/messy.csv", "--target", "one", "--features", "income"], "single class"),
     (["--data", "{dir}/tiny.csv", "--target", "label", "--features", "income"], "too few rows (4)"),
 ])

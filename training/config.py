@@ -35,6 +35,10 @@ class Config:
     image_size: int | None = _opt(None, "resize every image to N x N (default: keep the size, "
                                         "which must then be the same for all)")
     features: list[str] | None = _opt(None, "comma-separated feature columns (default: all but the target)")
+    categorical: list[str] | None = _opt(None, "comma-separated columns to treat as categories "
+                                               "(default: text columns)")
+    numeric: list[str] | None = _opt(None, "comma-separated columns to treat as numbers")
+    drop: list[str] | None = _opt(None, "comma-separated columns to leave out")
     task: str = _opt("auto", "auto infers it from the target", choices=("auto", "classification", "regression"))
     val_size: float = _opt(0.15, "share of rows held out for validation (early stopping)")
     test_size: float = _opt(0.15, "share of rows held out for the final test metrics")
@@ -95,7 +99,7 @@ class Config:
 
 
 # Fields that define what is trained: a checkpoint made under other values cannot be resumed.
-RUN_DEFINING = ("dataset", "data", "target", "features", "images", "image_size", "task", "val_size",
+RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric", "drop", "images", "image_size", "task", "val_size",
                 "test_size", "seed", "normalize", "batchnorm", "hidden", "channels", "augment",
                 "dropout", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "epochs", "batch_size")
 
@@ -160,8 +164,9 @@ def make_config(values: dict[str, Any]) -> Config:
     for key in ("hidden", "channels"):
         if isinstance(values.get(key), str):
             values[key] = _list_of(int)(values[key])
-    if isinstance(values.get("features"), str):
-        values["features"] = _list_of(str)(values["features"])
+    for key in ("features", "categorical", "numeric", "drop"):
+        if isinstance(values.get(key), str):
+            values[key] = _list_of(str)(values[key])
     for f in dataclasses.fields(Config):
         caster = {"int": int, "float": float}.get(f.type)
         if caster and f.name in values:

@@ -14,6 +14,8 @@ import pandas as pd
 from sklearn import datasets as skdatasets
 from sklearn.model_selection import train_test_split
 
+from training.contract import category_text
+
 MAX_CLASSES_FROM_NUMBERS = 20  # an integer-valued target with more distinct values is a regression
 MIN_TRAIN_ROWS = 10  # fewer cannot fit a network, nor give BatchNorm meaningful batch statistics
 
@@ -33,8 +35,9 @@ class Table:
     classes: list | None        # class labels in the data's own values; y indexes into it
     source: str
     dropped_rows: int = 0       # rows dropped because their target was missing
-    modality: str = "table"     # "table" | "image"
+    modality: str = "table"     # "table" (numbers, complete) | "mixed" (categories, gaps) | "image"
     resize: bool = False        # images: resized to a fixed size when read
+    columns: list[dict] | None = None  # mixed: [{"name", "type": "numeric" | "categorical"}]
 
 
 @dataclass
@@ -124,8 +127,35 @@ def _json_label(v):
     return str(v)
 
 
+ID_NAMES = {"id", "index", "row", "row_id", "unnamed: 0"}
+
+
+def is_row_id(name: str, values: pd.Series) -> bool:
+    """An obvious row id: named like one, and a distinct value in every row."""
+    name = str(name).lower()
+    return (name in ID_NAMES or name.endswith("_id")) and values.is_unique and len(values) > 1
+
+
+def column_types(frame: pd.DataFrame, features: list[str], categorical, numeric) -> dict[str, str]:
+    """'numeric' or 'categorical' per feature: forced by the options, else by the data."""
+    categorical, numeric = set(categorical or ()), set(numeric or ())
+    if unknown := sorted((categorical | numeric) - set(features)):
+        raise DataError(f"--categorical/--numeric name column(s) that are not features: {_names(unknown)}")
+    if both := sorted(categorical & numeric):
+        raise DataError(f"column(s) both --categorical and --numeric: {_names(both)}")
+    types = {}
+    for c in features:
+        is_number = pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+        if c in numeric and not is_number:
+            converted = pd.to_numeric(frame[c], errors="coerce")
+            bad = int((converted.isna() & frame[c].notna()).sum())
+            raise DataError(f"--numeric column {c!r} has {_rows(bad)} that are not numbers")
+        types[c] = "categorical" if c in categorical or not is_number else "numeric"
+    return types
+
+
 def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task: str,
-             source: str) -> Table:
+             source: str, categorical=None, numeric=None, drop=None) -> Table:
     """Check the frame and encode it; every problem is a DataError naming the columns."""
     if target not in frame.columns:
         raise DataError(f"target column {target!r} not found; columns are: {_names(frame.columns)}")
@@ -137,6 +167,14 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
             raise DataError(f"the target {target!r} is also listed as a feature")
     else:
         features = [c for c in frame.columns if c != target]
+        ids = [c for c in features if c not in (drop or ()) and is_row_id(c, frame[c])]
+        if ids:
+            warnings.warn(f"dropped row-id column(s) {', '.join(map(str, ids))} "
+                          "(keep with --features)")
+        features = [c for c in features if c not in ids]
+    if unknown := [d for d in (drop or ()) if d not in frame.columns]:
+        raise DataError(f"--drop names column(s) not found: {_names(unknown)}")
+    features = [c for c in features if c not in (drop or ())]
     if not features:
         raise DataError("no feature columns: the table has only the target")
 
@@ -146,19 +184,24 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     if frame.empty:
         raise DataError(f"every row's target {target!r} is missing")
 
-    X_frame = frame[features]
-    if bad := [c for c in features if not pd.api.types.is_numeric_dtype(X_frame[c])
-               or pd.api.types.is_bool_dtype(X_frame[c])]:
-        raise DataError(f"feature column(s) are not numeric: {_names(bad)}; "
-                        "drop them with --features or encode them as numbers")
-    X = X_frame.to_numpy(dtype=np.float64)
-    if (nan := np.isnan(X).sum(axis=0)).any():
-        cols = [f"{c} ({_rows(n)})" for c, n in zip(features, nan) if n]
-        raise DataError(f"feature column(s) have missing values: {_names(cols)}; fill or drop them")
-    if (inf := np.isinf(X).sum(axis=0)).any():
-        cols = [f"{c} ({_rows(n)})" for c, n in zip(features, inf) if n]
+    types = column_types(frame, features, categorical, numeric)
+    numbers = [c for c in features if types[c] == "numeric"]
+    X_num = frame[numbers].apply(pd.to_numeric).to_numpy(dtype=np.float64)
+    if (inf := np.isinf(X_num).sum(axis=0)).any():
+        cols = [f"{c} ({_rows(n)})" for c, n in zip(numbers, inf) if n]
         raise DataError(f"feature column(s) have infinite values: {_names(cols)}")
-    if np.abs(X).max() > np.finfo(np.float32).max:
+    mixed = len(numbers) < len(features) or bool(np.isnan(X_num).any())
+    if mixed:
+        # Categories as text (a missing one is its own value, ""); numbers as floats with NaN.
+        X = pd.DataFrame({str(c): (frame[c].astype(object).map(category_text)
+                                   if types[c] == "categorical"
+                                   else pd.to_numeric(frame[c]).astype(np.float64))
+                          for c in features})
+        X = X.reset_index(drop=True)
+        columns = [{"name": str(c), "type": types[c]} for c in features]
+    else:
+        X, columns = X_num, None
+    if len(X_num) and np.nanmax(np.abs(X_num), initial=0) > np.finfo(np.float32).max:
         raise DataError("feature values exceed the float32 range the model computes in")
 
     y_raw = frame[target]
@@ -179,7 +222,8 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
         if np.ptp(y) == 0:
             raise DataError(f"target {target!r} is constant; there is nothing to learn")
         classes = None
-    return Table(X, y, [str(f) for f in features], task, classes, source, dropped)
+    return Table(X, y, [str(f) for f in features], task, classes, source, dropped,
+                 modality="mixed" if mixed else "table", columns=columns)
 
 
 def image_table(X: np.ndarray, labels: list, classes: list, source: str, resize: bool) -> Table:
@@ -205,7 +249,8 @@ def load_table(cfg) -> Table:
     else:
         frame, target = load_builtin(cfg.dataset)
         source = f"sklearn:{cfg.dataset}"
-    return to_table(frame, target, cfg.features, cfg.task, source)
+    return to_table(frame, target, cfg.features, cfg.task, source, cfg.categorical, cfg.numeric,
+                    cfg.drop)
 
 
 def split_table(table: Table, val_size: float, test_size: float, seed: int) -> Split:
@@ -228,4 +273,6 @@ def split_table(table: Table, val_size: float, test_size: float, seed: int) -> S
     train, val = train_test_split(rest, test_size=n_val, random_state=seed,
                                   stratify=None if stratify is None else stratify[rest])
     X, y = table.X, table.y
-    return Split(X[train], y[train], X[val], y[val], X[test], y[test], stratify is not None)
+    take = (lambda rows: X.iloc[rows].reset_index(drop=True)) if isinstance(X, pd.DataFrame) \
+        else (lambda rows: X[rows])
+    return Split(take(train), y[train], take(val), y[val], take(test), y[test], stratify is not None)

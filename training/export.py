@@ -48,19 +48,18 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
     onnx.helper.set_model_props(proto, encode_metadata(metadata))
 
 
-def check_parity(proto: onnx.ModelProto, model: nn.Module, X: np.ndarray, input_name: str,
-                 task: str) -> dict:
-    """onnxruntime on raw inputs (float32 rows or uint8 images) vs. the PyTorch model in eval mode,
-    one by one and as one batch."""
+def check_parity(proto: onnx.ModelProto, model: nn.Module, X: np.ndarray, feeds, task: str) -> dict:
+    """onnxruntime on raw inputs vs. the PyTorch model in eval mode on the same rows, one by one
+    and as one batch. `X` is what the PyTorch model takes; `feeds(rows)` gives the graph's raw
+    inputs for a slice of those rows."""
     import onnxruntime as ort
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    X = np.ascontiguousarray(X)
     with torch.no_grad():
-        expected = model.cpu().eval()(torch.from_numpy(X))
-    expected = expected[0] if task == "classification" else expected
-    expected = expected.numpy()
-    batched = session.run([OUTPUTS[task][0]], {input_name: X})[0]
-    singles = np.concatenate([session.run([OUTPUTS[task][0]], {input_name: X[i:i + 1]})[0]
+        expected = model.cpu().eval()(torch.from_numpy(np.ascontiguousarray(X)))
+    expected = (expected[0] if task == "classification" else expected).numpy()
+    output = OUTPUTS[task][0]
+    batched = session.run([output], feeds(slice(None)))[0]
+    singles = np.concatenate([session.run([output], feeds(slice(i, i + 1)))[0]
                               for i in range(min(len(X), 32))])
     diff_batch = float(np.abs(batched - expected).max())
     diff_single = float(np.abs(singles - expected[:len(singles)]).max())

@@ -27,6 +27,7 @@ from training.contract import INPUTS, OUTPUTS, SCHEMA_VERSION
 from training.export import (ExportError, check_parity, export_onnx, save_to_bentoml, set_metadata,
                              write_artifacts)
 from training.model import ConvNet, TabularNet, fit_channel_stats, fit_normalizer, serving_model
+from training import preprocess
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Result:
     net: TabularNet | ConvNet  # the trained network (best weights, eval mode, on the CPU)
     split: Split
     table: Table
+    preprocessor: object | None = None  # mixed tables: the fitted scikit-learn pipeline
 
 
 def pick_device(choice: str) -> torch.device:
@@ -88,6 +90,7 @@ class Trained:
     scale: np.ndarray
     y_mean: float                     # regression target standardization (0, 1 for classification)
     y_scale: float
+    preprocessor: object | None       # mixed tables: the fitted scikit-learn pipeline
     history: list[dict]
     best_epoch: int
     stopped_early: bool
@@ -97,13 +100,12 @@ class Trained:
     resumed: bool
 
 
-def build_network(cfg: Config, table: Table, mean, scale) -> TabularNet | ConvNet:
+def build_network(cfg: Config, table: Table, n_inputs: int, mean, scale) -> TabularNet | ConvNet:
     n_out = len(table.classes) if table.task == "classification" else 1
     if table.modality == "image":
         return ConvNet(table.X.shape[1], n_out, cfg.channels, cfg.batchnorm, cfg.dropout, mean, scale,
                        cfg.augment)
-    return TabularNet(len(table.feature_names), n_out, cfg.hidden, cfg.batchnorm, cfg.dropout,
-                      mean, scale)
+    return TabularNet(n_inputs, n_out, cfg.hidden, cfg.batchnorm, cfg.dropout, mean, scale)
 
 
 def train(cfg: Config, table: Table | None = None, checkpoints: bool = True) -> Trained:
@@ -116,18 +118,25 @@ def train(cfg: Config, table: Table | None = None, checkpoints: bool = True) -> 
     state = _resume_state(cfg) if cfg.resume else None
     version = state["version"] if state else new_version()
 
-    image = table.modality == "image"
+    image, mixed = table.modality == "image", table.modality == "mixed"
     # Statistics from the training split only.
-    mean, scale = (fit_channel_stats if image else fit_normalizer)(split.X_train, cfg.normalize)
+    preprocessor = None
+    inputs = [split.X_train, split.X_val, split.X_test]
+    if mixed:  # the scikit-learn pipeline imputes, standardizes and encodes; the net adds nothing
+        preprocessor = preprocess.fit_preprocessor(split.X_train, table.columns, cfg.normalize)
+        inputs = [preprocess.transform(preprocessor, frame) for frame in inputs]
+        mean, scale = np.zeros(inputs[0].shape[1]), np.ones(inputs[0].shape[1])
+    else:
+        mean, scale = (fit_channel_stats if image else fit_normalizer)(split.X_train, cfg.normalize)
     y_mean, y_scale = 0.0, 1.0
     if not classification:  # regression targets are learned standardized, exported in their units
         y_mean, y_scale = float(split.y_train.mean()), float(split.y_train.std()) or 1.0
     torch.manual_seed(cfg.seed)
-    net = build_network(cfg, table, mean, scale).to(device)
+    net = build_network(cfg, table, inputs[0].shape[1], mean, scale).to(device)
     scale_y = (lambda y: y) if classification else (lambda y: (y - y_mean) / y_scale)
     X_train, y_train, X_val, y_val, X_test, y_test = engine.to_device(
-        [split.X_train, scale_y(split.y_train), split.X_val, scale_y(split.y_val),
-         split.X_test, scale_y(split.y_test)], device,
+        [inputs[0], scale_y(split.y_train), inputs[1], scale_y(split.y_val),
+         inputs[2], scale_y(split.y_test)], device,
         [torch.uint8 if image else torch.float32, torch.int64 if classification else torch.float32] * 3)
 
     optimizer = engine.make_optimizer(net.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
@@ -184,7 +193,8 @@ def train(cfg: Config, table: Table | None = None, checkpoints: bool = True) -> 
     net.load_state_dict(best_state)
     tensors = dict(zip(["X_train", "y_train", "X_val", "y_val", "X_test", "y_test"],
                        (t.cpu() for t in (X_train, y_train, X_val, y_val, X_test, y_test))))
-    return Trained(net.cpu().eval(), table, split, tensors, mean, scale, y_mean, y_scale, history,
+    return Trained(net.cpu().eval(), table, split, tensors, mean, scale, y_mean, y_scale,
+                   preprocessor, history,
                    best_epoch, stopped_early, elapsed_before + time.perf_counter() - train_started,
                    device, version, bool(state))
 
@@ -199,6 +209,7 @@ def model_metadata(cfg: Config, t: Trained, metrics: dict) -> dict:
     """What the ONNX file says about itself (training/contract.py)."""
     table, image = t.table, t.table.modality == "image"
     spread = "std" if image else "scale"
+    columns = preprocess.describe(t.preprocessor, table.columns) if t.preprocessor else None
     return {
         "schema_version": SCHEMA_VERSION, "name": cfg.model_name, "version": t.version,
         "model": f"{cfg.model_name}:{t.version}", "task": table.task, "modality": table.modality,
@@ -206,8 +217,13 @@ def model_metadata(cfg: Config, t: Trained, metrics: dict) -> dict:
         "feature_names": table.feature_names, "classes": table.classes,
         "image": {"channels": int(table.X.shape[1]), "height": int(table.X.shape[2]),
                   "width": int(table.X.shape[3]), "resize": table.resize} if image else None,
-        "normalization": {"enabled": cfg.normalize, "mean": t.mean.tolist(), spread: t.scale.tolist(),
-                          **({"pixel_scale": "1/255, then (x - mean) / std"} if image else {})},
+        "columns": columns,
+        "normalization": ({"enabled": cfg.normalize, "per_column": "see columns: numeric -> training "
+                           "median for missing values, then (x - mean) / scale; categorical -> "
+                           "one-hot over the training categories, unseen -> all zeros"}
+                          if columns else
+                          {"enabled": cfg.normalize, "mean": t.mean.tolist(), spread: t.scale.tolist(),
+                           **({"pixel_scale": "1/255, then (x - mean) / std"} if image else {})}),
         "target_normalization": (None if table.task == "classification"
                                  else {"mean": t.y_mean, "scale": t.y_scale}),
         "metrics": metrics, "versions": library_versions(),
@@ -223,9 +239,19 @@ def run(cfg: Config) -> Result:
     task, metrics = t.table.task, evaluate_splits(t)
     head = serving_model(t.net, task, t.y_mean, t.y_scale)
     metadata = model_metadata(cfg, t, metrics)
-    proto = export_onnx(head, t.tensors["X_test"][:1], metadata["input"], task)
+    X_test = t.tensors["X_test"].numpy()
+    if t.preprocessor is not None:  # one graph: the scikit-learn pipeline, then the network
+        net_proto = export_onnx(head, t.tensors["X_test"][:1], "features", task)
+        proto = preprocess.join(preprocess.export_preprocessor(
+            t.preprocessor, t.table.columns, like=net_proto, output="preprocessed"),
+            net_proto, "features")
+        frame, columns = t.split.X_test, t.table.columns
+        feeds = lambda rows: preprocess.column_feeds(frame.iloc[rows], columns)  # noqa: E731
+    else:
+        proto = export_onnx(head, t.tensors["X_test"][:1], metadata["input"], task)
+        feeds = lambda rows: {metadata["input"]: X_test[rows]}  # noqa: E731
     set_metadata(proto, metadata)
-    parity = check_parity(proto, head, t.tensors["X_test"].numpy(), metadata["input"], task)
+    parity = check_parity(proto, head, X_test, feeds, task)
 
     split = t.split
     card = {**metadata, "source": t.table.source, "rows": {"train": len(split.y_train),
@@ -242,7 +268,7 @@ def run(cfg: Config) -> Result:
     tag = save_to_bentoml(out_dir, cfg.model_name, t.version, task) if cfg.store else None
     checkpoint_path(cfg).unlink(missing_ok=True)  # the run is complete; nothing is left to resume
     card["total_seconds"] = round(time.perf_counter() - started, 2)
-    return Result(out_dir, tag, card, t.net, split, t.table)
+    return Result(out_dir, tag, card, t.net, split, t.table, t.preprocessor)
 
 
 def summary(result: Result) -> str:

@@ -1,0 +1,158 @@
+"""Mixed tables: text categories and missing values, learned on the training split, inside the graph."""
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from conftest import quick_config
+from test_service import request, serving
+from training import preprocess
+from training.data import DataError, split_table, to_table
+from training.fit import run
+
+ISLANDS = ["Biscoe", "Dream", "Torgersen"]
+
+
+def penguins(n=500, seed=0, task="classification") -> pd.DataFrame:
+    """Numbers with gaps, text categories with gaps, an id column, and a learnable target."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "id": np.arange(1000, 1000 + n),
+        "bill": rng.normal(44, 5, n),
+        "mass": rng.normal(4200, 800, n),
+        "island": rng.choice(ISLANDS, n),
+        "sex": rng.choice(["male", "female", None], n, p=[0.45, 0.45, 0.1]),
+        "year": rng.choice([2007, 2008, 2009], n),
+    })
+    frame.loc[rng.choice(n, n // 10, replace=False), "bill"] = np.nan
+    signal = ((frame.bill.fillna(44) - 44) / 5 + (frame.island == "Dream") * 1.5
+              - (frame.sex == "female") * 0.8 + (frame.mass - 4200) / 800)
+    if task == "classification":
+        frame["species"] = np.where(signal + rng.normal(0, 0.3, n) > 0.4, "Chinstrap", "Adelie")
+    else:
+        frame["species"] = 10 + 3 * signal + rng.normal(0, 0.3, n)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def mixed_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixed") / "penguins.csv"
+    penguins().to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_model(mixed_csv, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixedmodel")
+    return run(quick_config(tmp, data=str(mixed_csv), target="species", categorical=["year"],
+                            epochs=10))
+
+
+def odd_rows(result) -> pd.DataFrame:
+    """Test rows, plus rows with a missing number, a missing category and an unseen one."""
+    frame = result.split.X_test.head(12).copy()
+    frame.loc[0, "bill"] = np.nan
+    frame.loc[1, "sex"] = ""
+    frame.loc[2, "island"] = "Atlantis"
+    frame.loc[3, "year"] = "2031"
+    return frame
+
+
+def torch_reference(result, frame: pd.DataFrame) -> np.ndarray:
+    """scikit-learn's fitted pipeline, then the trained PyTorch model in eval mode."""
+    X = preprocess.transform(result.preprocessor, frame)
+    with torch.no_grad():
+        return torch.softmax(result.net.eval()(torch.from_numpy(X)), -1).numpy()
+
+
+def test_types_are_inferred_forced_and_the_id_is_dropped():
+    with pytest.warns(UserWarning, match="dropped row-id column"):
+        table = to_table(penguins(), "species", None, "auto", "t", categorical=["year"])
+    assert table.modality == "mixed"
+    assert {c["name"]: c["type"] for c in table.columns} == {
+        "bill": "numeric", "mass": "numeric", "island": "categorical", "sex": "categorical",
+        "year": "categorical"}
+    assert set(table.X["sex"]) == {"male", "female", ""}  # missing is its own category
+    assert set(table.X["year"]) == {"2007", "2008", "2009"}
+    with pytest.raises(DataError, match="--numeric column 'island' has 500 rows that are not numbers"):
+        to_table(penguins(), "species", None, "auto", "t", numeric=["island"])
+
+
+def test_statistics_come_from_training_rows_only(mixed_model):
+    columns = {c["name"]: c for c in mixed_model.card["columns"]}
+    train = mixed_model.split.X_train
+    assert columns["bill"]["median"] == pytest.approx(np.nanmedian(train["bill"]))
+    imputed = train["bill"].fillna(np.nanmedian(train["bill"]))
+    assert columns["bill"]["mean"] == pytest.approx(imputed.mean())
+    assert columns["bill"]["scale"] == pytest.approx(imputed.std(ddof=0))
+    everything = mixed_model.table.X["bill"]
+    assert columns["bill"]["median"] != pytest.approx(np.nanmedian(everything))
+    assert columns["island"]["categories"] == sorted(set(train["island"]))
+    assert columns["sex"]["categories"] == ["", "female", "male"]
+
+
+def test_graph_takes_raw_columns_and_matches_the_pytorch_pipeline(mixed_model):
+    session = ort.InferenceSession(str(mixed_model.model_dir / "model.onnx"))
+    assert {i.name: i.type for i in session.get_inputs()} == {
+        "bill": "tensor(float)", "mass": "tensor(float)", "island": "tensor(string)",
+        "sex": "tensor(string)", "year": "tensor(string)"}
+    frame = odd_rows(mixed_model)
+    probabilities, _ = session.run(None, preprocess.column_feeds(frame, mixed_model.table.columns))
+    np.testing.assert_allclose(probabilities, torch_reference(mixed_model, frame), atol=1e-5)
+    assert mixed_model.card["parity"]["max_abs_diff"] < 1e-4
+    assert mixed_model.card["metrics"]["test"]["accuracy"] > 0.85
+
+
+def test_mixed_regression_trains(tmp_path):
+    path = tmp_path / "reg.csv"
+    penguins(task="regression", seed=3).to_csv(path, index=False)
+    result = run(quick_config(tmp_path, data=str(path), target="species", epochs=10, store=False))
+    assert result.card["task"] == "regression" and result.card["metrics"]["test"]["r2"] > 0.6
+
+
+# --- over HTTP, against a real `bentoml serve` -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mixed_server(mixed_model):
+    yield from serving(mixed_model)
+
+
+def records(frame: pd.DataFrame) -> list[dict]:
+    """JSON records as a client would send them: NaN and "" as null."""
+    out = []
+    for row in frame.to_dict(orient="records"):
+        out.append({k: None if (v == "" or (isinstance(v, float) and np.isnan(v))) else v
+                    for k, v in row.items()})
+    return out
+
+
+def test_served_records_with_nulls_and_unseen_categories(mixed_server, mixed_model):
+    frame = odd_rows(mixed_model)
+    status, body = request(mixed_server + "/predict", {"instances": records(frame)})
+    assert status == 200, body
+    np.testing.assert_allclose(body["probabilities"], torch_reference(mixed_model, frame), atol=1e-5)
+    year_as_number = records(frame.head(3))
+    for r in year_as_number:
+        r["year"] = int(r["year"])  # 2008 and "2008" are the same category
+    assert request(mixed_server + "/predict", {"instances": year_as_number})[1]["probabilities"] == \
+        body["probabilities"][:3]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bill": "long"}, "row 0, column 'bill': expected a number or null, got string 'long'"),
+    ({"bill": True}, "row 0, column 'bill': expected a number or null, got boolean true"),
+    ({"island": [1]}, "row 0, column 'island': expected text or null, got a list"),
+    ({"beak": 3}, "row 0: unknown feature(s): beak"),
+])
+def test_records_that_cannot_be_mapped_get_4xx(mixed_server, mixed_model, change, message):
+    row = {**records(mixed_model.split.X_test.head(1))[0], **change}
+    status, body = request(mixed_server + "/predict", {"instances": [row]})
+    assert status == 400 and message in body["error"]
+
+
+def test_missing_column_is_named(mixed_server, mixed_model):
+    row = records(mixed_model.split.X_test.head(1))[0]
+    del row["sex"]
+    status, body = request(mixed_server + "/predict", {"instances": [row]})
+    assert status == 400 and "missing feature(s): sex" in body["error"]
