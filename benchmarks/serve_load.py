@@ -1,7 +1,7 @@
 """Serving throughput and latency: the BentoML service vs. a bare Starlette app vs. in-process
 onnxruntime, on the same ONNX file, with the same load generator.
 
-    python -m benchmarks.serve_load                         # newest model (or MODEL_TAG)
+    python -m benchmarks.serve_load                         # newest model (or MODEL_TAG), numeric
     python -m benchmarks.serve_load --seconds 2 --soak 5000 # quicker
 
 Each server runs pinned to core 0 with one worker; the asyncio client runs on core 1. For each
@@ -157,6 +157,9 @@ def main() -> None:
         try:
             with urllib.request.urlopen(url + "/metadata") as r:
                 meta = json.load(r)
+            if meta["modality"] != "table":
+                raise SystemExit(f"{tag} is a {meta['modality']} model; this benchmark posts numeric "
+                                 "rows: set MODEL_TAG to a numeric table model")
             bodies = {n: json.dumps({"instances": rows_for(meta, n)}).encode()
                       for n in {rows for rows, _ in cases}}
             asyncio.run(load(url, bodies[1], 8, requests=2000))  # warm-up

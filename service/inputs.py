@@ -94,6 +94,8 @@ def parse_body(body: bytes):
             doc = json.loads(body)
         except ValueError as e:
             raise BadRequest(f"malformed JSON: {e}") from None
+        except RecursionError:
+            raise BadRequest("malformed JSON: nested too deeply") from None
     if not isinstance(doc, dict) or "instances" not in doc:
         raise BadRequest('the body must be a JSON object {"instances": [...]}, got '
                          + ("an object without 'instances'" if isinstance(doc, dict) else _describe(doc)))

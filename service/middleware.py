@@ -43,6 +43,48 @@ async def _read_body(receive) -> bytes | None:
 NPY_TYPES = (b"application/x-npy", b"application/octet-stream")
 
 
+class BodyLimit:
+    """413 for a request body over `max_bytes`, answered as soon as the declared length (or the
+    bytes read so far) pass it: BentoML would otherwise parse a body of any size whole first. The
+    rest of the body is drained before answering, or clients see a reset instead of the 413."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(receive, send)
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(receive, send)
+
+    async def _refuse(self, receive, send):
+        more = True
+        while more:
+            message = await receive()
+            more = message.get("more_body", False) and message["type"] != "http.disconnect"
+        await _reply(send, 413, f"the request body is over {self.max_bytes // 2 ** 20} MB; split it "
+                                "into smaller requests (or raise MAX_BODY_MB)")
+
+
+class _TooLarge(Exception):
+    pass
+
+
 class FastPredict:
     """POST /predict with a JSON body (or a .npy array, for bulk scoring), answered here: orjson
     parsing and the service's own checks and scoring (`answer`), without BentoML's generic
@@ -117,28 +159,34 @@ class UploadGuard:
 
 
 def cancel_request_timers() -> None:
-    """Work around BentoML 1.4's TimeoutMiddleware, which arms a timer per request and never
-    cancels it: the timer holds the request's context (tracing span included) until it fires, so
-    memory grows with request rate x timeout. This subclass cancels the timer once the request is
-    done. BentoML looks the class up when it builds the app, after the service module is imported."""
+    """Replace BentoML 1.4's TimeoutMiddleware, which arms a timer per request and never cancels
+    it: the timer holds the request's context (tracing span included) until it fires, so memory
+    grows with request rate x timeout. It also waits out the whole timeout when the app fails
+    before responding. This one waits for whichever comes first (the response starting, the app
+    finishing, the timeout) and keeps nothing afterwards. BentoML looks the class up when it
+    builds the app, after the service module is imported."""
     import asyncio
 
     from bentoml._internal.server.http import traffic
 
-    class CancellingTimeoutMiddleware(traffic.TimeoutMiddleware):
+    class PromptTimeoutMiddleware(traffic.TimeoutMiddleware):
         async def __call__(self, scope, receive, send):
             if scope["type"] not in ("http", "websocket"):
                 return await self.app(scope, receive, send)
             loop = asyncio.get_running_loop()
             waiter = loop.create_future()
-            timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
 
-            async def _send(message):
+            def wake(_=None):
                 if not waiter.done():
                     waiter.set_result(None)
+
+            async def _send(message):
+                wake()
                 await send(message)
 
+            timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
             task = asyncio.ensure_future(self.app(scope, receive, _send))
+            task.add_done_callback(wake)  # an app that fails before responding wakes us at once
             try:
                 await waiter
             except asyncio.TimeoutError:
@@ -147,6 +195,6 @@ def cancel_request_timers() -> None:
                 return
             finally:
                 timer.cancel()
-            await task
+            await task  # finishes the response, or re-raises the app's error
 
-    traffic.TimeoutMiddleware = CancellingTimeoutMiddleware
+    traffic.TimeoutMiddleware = PromptTimeoutMiddleware

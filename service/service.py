@@ -22,12 +22,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.inputs import BadRequest, parse_images, parse_instances, parse_npy, parse_records
-from service.middleware import FastPredict, UploadGuard, cancel_request_timers
-from training.contract import OUTPUTS, REQUIRED_METADATA, decode_metadata
+from service.middleware import BodyLimit, FastPredict, UploadGuard, cancel_request_timers
+from training.contract import MODALITY_METADATA, OUTPUTS, REQUIRED_METADATA, decode_metadata
 from training.images import ImageError, read_image
 
 PIPELINE_LABEL = "normserve"
 MAX_ROWS = int(os.environ.get("MAX_ROWS", "10000"))
+MAX_BODY_MB = float(os.environ.get("MAX_BODY_MB", "64"))
 WORKERS = int(os.environ.get("WORKERS", "1"))
 EXAMPLE_INPUT = [[17.99, 10.38, 122.8, 1001.0]]  # the shape of a request; widths follow the model
 
@@ -63,10 +64,11 @@ def open_model(path: str, threads: int = 1):
         meta = decode_metadata(session.get_modelmeta().custom_metadata_map)
     except Exception as e:
         fail(f"{MODEL_TAG}: cannot load {path}: {str(e).strip().splitlines()[0]}")
-    if missing := [k for k in REQUIRED_METADATA if k not in meta]:
+    required = REQUIRED_METADATA + MODALITY_METADATA.get(meta.get("modality"), ())
+    if missing := [k for k in required if k not in meta]:
         fail(f"{MODEL_TAG}: model.onnx lacks metadata {', '.join(missing)}; "
              "was it exported by `python -m training.fit`?")
-    if meta["task"] not in OUTPUTS or meta["modality"] not in ("table", "image", "mixed"):
+    if meta["task"] not in OUTPUTS or meta["modality"] not in MODALITY_METADATA:
         fail(f"{MODEL_TAG}: unknown task or modality in the model metadata")
     return session, meta
 
@@ -108,8 +110,8 @@ class Predictor:
         threads = max(1, len(os.sched_getaffinity(0)) // WORKERS)
         self.session, meta = open_model(self.model.path_of("model.onnx"), threads)
         self.task, self.feature_names = meta["task"], meta["feature_names"]
-        self.classes, self.input, self.image = meta["classes"], meta["input"], meta["image"]
-        self.columns = meta["columns"]  # mixed tables: one graph input per column
+        self.classes, self.input, self.image = meta["classes"], meta["input"], meta.get("image")
+        self.columns = meta.get("columns")  # mixed tables: one graph input per column
         self.outputs = OUTPUTS[self.task]
         self.metadata = {k: meta.get(k) for k in (
             "model", "task", "modality", "input", "outputs", "feature_names", "columns", "image",
@@ -196,5 +198,6 @@ class Predictor:
         return Response(self.score({self.input: pixels[None]}), media_type="application/json")
 
 
+Predictor.add_asgi_middleware(BodyLimit, max_bytes=int(MAX_BODY_MB * 2 ** 20))
 Predictor.add_asgi_middleware(UploadGuard)
 Predictor.add_asgi_middleware(FastPredict)

@@ -52,7 +52,8 @@ def start_server(env_extra: dict) -> tuple[subprocess.Popen, str]:
     port = free_port()
     home = tempfile.mkdtemp(prefix="bentoml-serve-")
     os.symlink(Path(os.environ["BENTOML_HOME"]) / "models", Path(home) / "models")
-    env = {**os.environ, "MAX_ROWS": str(MAX_ROWS), "BENTOML_HOME": home, **env_extra}
+    env = {**os.environ, "MAX_ROWS": str(MAX_ROWS), "MAX_BODY_MB": "1", "BENTOML_HOME": home,
+           **env_extra}
     proc = subprocess.Popen(["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -252,3 +253,47 @@ def test_metrics_count_predictions(server):
     for _ in range(5):
         request(server + "/predict", {"instances": [GOOD]})
     assert count() - before == 5
+
+
+def raw_post(url: str, body, content_type: str, chunked: bool = False) -> tuple[int, bytes]:
+    """A POST through http.client, which can send a chunked body of unknown length."""
+    import http.client
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    if chunked:
+        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+        conn.request("POST", u.path, body=chunks, headers={"Content-Type": content_type},
+                     encode_chunked=True)
+    else:
+        conn.request("POST", u.path, body=body, headers={"Content-Type": content_type})
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
+HOSTILE = [
+    ("deep nesting", b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json",
+     False, 400, "nested too deeply"),
+    ("long string", json.dumps({"instances": [["x" * 200_000] * 4]}).encode(), "application/json",
+     False, 400, "expected a finite number, got string"),
+    ("huge integer", b'{"instances": [[1' + b"0" * 400 + b', 0, 30, 1]]}', "application/json",
+     False, 400, "outside the float32 range"),
+    ("xml", b"<instances/>", "application/xml", False, 400, "Invalid JSON"),
+    ("form", b"instances=1", "application/x-www-form-urlencoded", False, 400, "instances"),
+    ("oversized", b'{"instances": [' + b"[1.0, 2.0, 3.0, 4.0]," * 60_000 + b"[1]]}",
+     "application/json", False, 413, "over 1 MB"),
+    ("oversized, chunked", b'{"instances": [' + b"[1.0, 2.0, 3.0, 4.0]," * 60_000 + b"[1]]}",
+     "application/json", True, 413, "over 1 MB"),
+    ("oversized upload", b"--b\r\n" + b"0" * 2_000_000, "multipart/form-data; boundary=b", False,
+     413, "over 1 MB"),
+]
+
+
+@pytest.mark.parametrize("name, body, content_type, chunked, status, message", HOSTILE,
+                         ids=[h[0] for h in HOSTILE])
+def test_hostile_requests_get_4xx_and_the_server_keeps_answering(server, name, body, content_type,
+                                                                 chunked, status, message):
+    path = "/predict_image" if "upload" in name else "/predict"
+    got, answer = raw_post(server + path, body, content_type, chunked)
+    assert got == status and message in answer.decode(errors="replace")
+    assert request(server + "/predict", {"instances": [GOOD]})[0] == 200

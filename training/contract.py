@@ -11,9 +11,10 @@ import json
 SCHEMA_VERSION = 1
 INPUTS = {"table": "features", "image": "images", "mixed": None}  # mixed: per column
 OUTPUTS = {"classification": ["probabilities", "label"], "regression": ["prediction"]}
-# What a model file must carry for the service to use it.
+# What a model file must carry for the service to use it, and what each modality adds.
 REQUIRED_METADATA = ("schema_version", "model", "task", "modality", "input", "feature_names", "classes",
-                     "normalization", "image", "columns")
+                     "normalization")
+MODALITY_METADATA = {"table": (), "image": ("image",), "mixed": ("columns",)}
 
 
 def encode_metadata(metadata: dict) -> dict[str, str]:
