@@ -7,6 +7,8 @@ MODEL_TAG=<name>:<version> picks another.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -53,9 +55,37 @@ def resolve_model_tag() -> str:
     return str(max(ours, key=lambda m: m.info.creation_time).tag)
 
 
+def check_card(path: Path) -> dict:
+    """The model's card, and proof that model.onnx is the file the card describes."""
+    card_path = path.with_name("card.json")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"{MODEL_TAG}: cannot read {card_path}: {e}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "(no file)"
+    if digest != card.get("onnx_sha256"):
+        fail(f"{MODEL_TAG}: model.onnx does not match its card (sha256 {digest[:12]}..., card says "
+             f"{str(card.get('onnx_sha256'))[:12]}...): the file is damaged or was altered")
+    return card
+
+
+def inputs_match_card(session, card: dict) -> str | None:
+    """What differs between the graph's inputs and the card, if anything."""
+    got = {i.name: i.shape[1:] for i in session.get_inputs()}
+    if card.get("columns"):
+        expected = {c["name"]: [1] for c in card["columns"]}
+    elif card.get("image"):
+        im = card["image"]
+        expected = {card["input"]: [im["channels"], im["height"], im["width"]]}
+    else:
+        expected = {card["input"]: [len(card["feature_names"])]}
+    return None if got == expected else f"graph inputs {got} but the card describes {expected}"
+
+
 def open_model(path: str, threads: int = 1):
     """An onnxruntime session and the model's metadata, or a one-line exit saying what is wrong."""
     import onnxruntime as ort
+    card = check_card(Path(path))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -70,6 +100,8 @@ def open_model(path: str, threads: int = 1):
              "was it exported by `python -m training.fit`?")
     if meta["task"] not in OUTPUTS or meta["modality"] not in MODALITY_METADATA:
         fail(f"{MODEL_TAG}: unknown task or modality in the model metadata")
+    if problem := inputs_match_card(session, card):
+        fail(f"{MODEL_TAG}: model.onnx does not fit its card: {problem}")
     return session, meta
 
 

@@ -297,3 +297,61 @@ def test_hostile_requests_get_4xx_and_the_server_keeps_answering(server, name, b
     got, answer = raw_post(server + path, body, content_type, chunked)
     assert got == status and message in answer.decode(errors="replace")
     assert request(server + "/predict", {"instances": [GOOD]})[0] == 200
+
+
+def damaged_copy(result, name: str, damage) -> str:
+    """A copy of a trained model in the store, with `damage(folder)` applied to its files."""
+    import shutil
+
+    import bentoml
+    with bentoml.models.create(f"{name}:v1", labels={"pipeline": "normserve"}) as ref:
+        for f in result.model_dir.iterdir():
+            shutil.copy2(f, Path(ref.path) / f.name)
+        damage(Path(ref.path))
+    return f"{name}:v1"
+
+
+def truncate(folder: Path):
+    data = (folder / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(data[: len(data) // 2])
+
+
+def alter_one_byte(folder: Path):
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model.onnx").write_bytes(bytes(data))
+
+
+def strip_metadata(folder: Path):
+    import hashlib
+
+    import onnx
+    proto = onnx.load(folder / "model.onnx")
+    del proto.metadata_props[:]
+    onnx.save(proto, folder / "model.onnx")
+    card = json.loads((folder / "card.json").read_text())
+    card["onnx_sha256"] = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    (folder / "card.json").write_text(json.dumps(card))
+
+
+def widen_card(folder: Path):
+    card = json.loads((folder / "card.json").read_text())
+    card["feature_names"].append("extra")
+    (folder / "card.json").write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (truncate, "model.onnx does not match its card (sha256"),
+    (alter_one_byte, "model.onnx does not match its card (sha256"),
+    (strip_metadata, "model.onnx lacks metadata schema_version"),
+    (widen_card, "model.onnx does not fit its card: graph inputs {'features': [4]} but the card "
+                 "describes {'features': [5]}"),
+], ids=["truncated", "altered", "no metadata", "width differs"])
+def test_damaged_model_refuses_to_start_with_one_line(classifier, damage, message):
+    tag = damaged_copy(classifier, f"damaged-{damage.__name__.replace('_', '-')}", damage)
+    proc = subprocess.run(["bentoml", "serve", "--port", str(free_port())], cwd=ROOT,
+                          env={**os.environ, "MODEL_TAG": tag}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tag}: ") and message in lines[0], proc.stderr
