@@ -174,3 +174,34 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
     assert card_a["training"]["epochs_run"] == card_b["training"]["epochs_run"] == 30
     assert abs(card_a["metrics"]["test"]["accuracy"] - card_b["metrics"]["test"]["accuracy"]) <= 0.01
     assert not ckpt.exists()  # a finished run leaves nothing to resume
+
+
+def test_crash_during_export_keeps_the_previous_model_served(tmp_path, csv_path):
+    """kill -9 while the artifacts are being written: no half model, the last good one still served."""
+    from training.export import sha256
+    models = tmp_path / "models"
+    base = ["--data", str(csv_path), "--target", "label", "--epochs", "3", "--no-progress",
+            "--models-dir", str(models), "--name", "crashy"]
+    assert main(base) == 0
+    (previous,) = [d for d in (models / "crashy").iterdir() if d.is_dir() and not d.name.startswith(".")]
+    env = {k: v for k, v in os.environ.items() if k != "MODEL_TAG"}
+    served = lambda: subprocess.run(  # noqa: E731  what `bentoml serve` would pick now
+        [sys.executable, "-c", "import service.service as s; print(s.MODEL_TAG)"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1]
+    assert served() == f"crashy:{previous.name}"
+
+    proc = subprocess.Popen([sys.executable, "-m", "training.fit", *base], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if list((models / "crashy").glob(".*.tmp")):  # export is writing the new model
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before its export could be interrupted"
+    complete = [d for d in (models / "crashy").iterdir() if d.is_dir() and not d.name.startswith(".")]
+    assert complete == [previous]  # no half-written model beside it
+    card = json.loads((previous / "card.json").read_text())
+    assert card["onnx_sha256"] == sha256(previous / "model.onnx")
+    assert served() == f"crashy:{previous.name}"
