@@ -205,3 +205,62 @@ def test_crash_during_export_keeps_the_previous_model_served(tmp_path, csv_path)
     card = json.loads((previous / "card.json").read_text())
     assert card["onnx_sha256"] == sha256(previous / "model.onnx")
     assert served() == f"crashy:{previous.name}"
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    return path
+
+
+GOOD_ROWS = "".join(f"{i},{i % 7},{'yes' if i % 2 else 'no'}\n" for i in range(40))
+BROKEN_INPUTS = [  # (case, file name, contents (None: a directory), extra options, message)
+    ("missing file", None, None, [], "data file not found"),
+    ("directory", "folder", None, [], "is a directory; expected a CSV or Parquet file"),
+    ("empty file", "empty.csv", b"", [], "is empty"),
+    ("header only", "header.csv", "a,b,label\n", [], "has no data rows"),
+    ("wrong delimiter", "semi.csv", "a;b;label\n" + GOOD_ROWS.replace(",", ";"), [],
+     "the file looks ';'-separated"),
+    ("target column missing", "t.csv", "a,b,y\n" + GOOD_ROWS, [], "target column 'label' not found"),
+    ("one class", "one.csv", "a,b,label\n" + "".join(f"{i},{i},yes\n" for i in range(40)), [],
+     "has a single class ('yes')"),
+    ("constant regression target", "const.csv", "a,b,label\n" + "".join(f"{i},{i},3.5\n" for i in range(40)),
+     ["--task", "regression"], "is constant"),
+    ("infinity in a feature", "inf.csv", "a,b,label\n" + GOOD_ROWS + "inf,1,yes\n", [],
+     "infinite values: a (1 row)"),
+    ("duplicate column names", "dupe.csv", "a,a,label\n" + GOOD_ROWS, [], "duplicate column names: a"),
+    ("not UTF-8", "latin.csv", "a,b,label\n".encode() + "1,2,sí\n".encode("latin-1") * 40, [],
+     "is not UTF-8 text"),
+    ("one row", "row.csv", "a,b,label\n1,2,yes\n", [], "too few rows (1)"),
+    ("unsupported file type", "data.xlsx", b"PK\x03\x04", [], "unsupported file type .xlsx"),
+]
+
+
+@pytest.mark.parametrize("case, name, contents, extra, message", BROKEN_INPUTS,
+                         ids=[b[0] for b in BROKEN_INPUTS])
+def test_broken_training_data_is_one_line_and_writes_nothing(tmp_path, capsys, case, name, contents,
+                                                             extra, message):
+    path = tmp_path / (name or "missing.csv")
+    if name and contents is None:
+        path.mkdir()
+    elif contents is not None:
+        write(path, contents)
+    models = tmp_path / "models"
+    code = main(["--data", str(path), "--target", "label", "--models-dir", str(models),
+                 "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not models.exists()
+
+
+def test_degenerate_but_valid_data_trains(tmp_path, capsys):
+    """A constant feature (scale 1), a class with two rows, a last batch of one row."""
+    rows = ["a,const,label"] + [f"{i},5,{'yes' if i % 2 else 'no'}" for i in range(120)]
+    rows += [f"{1000 + i},5,rare" for i in range(2)]
+    path = write(tmp_path / "odd.csv", "\n".join(rows) + "\n")
+    models = tmp_path / "models"
+    assert main(["--data", str(path), "--target", "label", "--models-dir", str(models), "--epochs", "3",
+                 "--batch-size", "83", "--no-progress", "--no-store"]) == 0
+    card = json.loads(next(models.rglob("card.json")).read_text())
+    assert card["normalization"]["scale"][1] == 1.0 and card["classes"] == ["no", "rare", "yes"]
+    assert card["rows"]["train"] % 83 == 1 and not card["stratified"]  # 84 = 83 + a batch of 1
+    assert "not stratified" in capsys.readouterr().err

@@ -89,12 +89,29 @@ def read_table(path: str) -> pd.DataFrame:
     except Exception as e:  # pandas/pyarrow raise many kinds; the first line names the problem
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot read {path}: {first}") from None
-    if frame.columns.duplicated().any():
-        dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
-        raise DataError(f"{path}: duplicate column names: {', '.join(map(str, dupes))}")
+    header = _csv_header(p) if suffix in (".csv", ".txt", ".tsv") else list(map(str, frame.columns))
+    if dupes := sorted({c for c in header if header.count(c) > 1}):
+        raise DataError(f"{path}: duplicate column names: {', '.join(dupes)}")
     if frame.empty:
         raise DataError(f"{path} has no data rows")
     return frame
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The header as written: pandas renames duplicate names (a, a.1) instead of reporting them."""
+    import csv
+    with open(path, newline="", encoding="utf-8") as f:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        return next(csv.reader(f, delimiter=delimiter), [])
+
+
+def _delimiter_hint(frame: pd.DataFrame) -> str:
+    """A hint when a whole row landed in one column: the file uses another delimiter."""
+    if len(frame.columns) == 1:
+        for sep in (";", "\t", "|"):
+            if sep in str(frame.columns[0]):
+                return f" (the file looks {sep!r}-separated; save it comma-separated, or as .tsv for tabs)"
+    return ""
 
 
 def _names(columns, limit: int = 8) -> str:
@@ -158,7 +175,8 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
              source: str, categorical=None, numeric=None, drop=None) -> Table:
     """Check the frame and encode it; every problem is a DataError naming the columns."""
     if target not in frame.columns:
-        raise DataError(f"target column {target!r} not found; columns are: {_names(frame.columns)}")
+        raise DataError(f"target column {target!r} not found; columns are: {_names(frame.columns)}"
+                        + _delimiter_hint(frame))
     if features:
         if unknown := [f for f in features if f not in frame.columns]:
             raise DataError(f"feature column(s) not found: {_names(unknown)}; "
@@ -183,6 +201,8 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     frame = frame.loc[~missing_target]
     if frame.empty:
         raise DataError(f"every row's target {target!r} is missing")
+    if len(frame) < MIN_TRAIN_ROWS:
+        raise DataError(f"too few rows ({len(frame)}) to train on; need at least {MIN_TRAIN_ROWS + 2}")
 
     types = column_types(frame, features, categorical, numeric)
     numbers = [c for c in features if types[c] == "numeric"]
