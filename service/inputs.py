@@ -115,7 +115,7 @@ def _check_count(n: int, max_rows: int, what: str) -> None:
         raise BadRequest(f"instances is empty: send at least one {what}")
     if n > max_rows:
         raise BadRequest(f"instances has {n} {what}s; the limit is {max_rows} per request "
-                         "(split the request, or raise MAX_ROWS)", status=413)
+                         "(split the request, or raise MAX_ROWS)")
 
 
 def parse_instances(instances, feature_names: list[str], max_rows: int) -> np.ndarray:

@@ -86,23 +86,28 @@ class _TooLarge(Exception):
 
 
 class FastPredict:
-    """POST /predict with a JSON body (or a .npy array, for bulk scoring), answered here: orjson
+    """POST /predict, answered here: a JSON body (or a .npy array, for bulk scoring) with orjson
     parsing and the service's own checks and scoring (`answer`), without BentoML's generic
     per-request parsing and validation, which cost more than scoring itself
-    (docs/benchmarks.md). Other requests pass through to the API."""
+    (docs/benchmarks.md); any other content type gets a 400. The @bentoml.api method documents
+    the endpoint in the OpenAPI spec and serves BentoML's Python client the same way."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        kind = _content_type(scope)
-        if (scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST"
-                or kind not in (b"application/json", *NPY_TYPES)):
+        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         import bentoml
         body = await _read_body(receive)
         if body is None:
             return
+        kind = _content_type(scope)
+        if kind not in (b"application/json", *NPY_TYPES):
+            # BentoML would try other types as forms (a 500 without a boundary); 400 is documented.
+            return await _reply(send, 400, f"unsupported Content-Type {kind.decode(errors='replace')!r}: "
+                                           "send JSON (application/json) or a NumPy array "
+                                           "(application/x-npy)")
         service = bentoml.get_current_service()
         if kind == b"application/json":
             status, payload = service.answer(lambda: service.check(parse_body(body)))
@@ -142,7 +147,7 @@ class UploadGuard:
 
         request = Request(scope, replay)
         if request.headers.get("content-type", "").split(";")[0].strip() != "multipart/form-data":
-            return await _reply(send, 415, f"upload the image as multipart/form-data in the field "
+            return await _reply(send, 400, f"upload the image as multipart/form-data in the field "
                                            f"{UPLOAD_FIELD!r}")
         try:
             form = await request.form()

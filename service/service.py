@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from service.inputs import BadRequest, parse_images, parse_instances, parse_npy, parse_records
 from service.middleware import BodyLimit, FastPredict, UploadGuard, cancel_request_timers
+from service.schema import example, instances_type
 from training.contract import MODALITY_METADATA, OUTPUTS, REQUIRED_METADATA, decode_metadata
 from training.images import ImageError, read_image
 
@@ -32,7 +33,6 @@ PIPELINE_LABEL = "normserve"
 MAX_ROWS = int(os.environ.get("MAX_ROWS", "10000"))
 MAX_BODY_MB = float(os.environ.get("MAX_BODY_MB", "64"))
 WORKERS = int(os.environ.get("WORKERS", "1"))
-EXAMPLE_INPUT = [[17.99, 10.38, 122.8, 1001.0]]  # the shape of a request; widths follow the model
 
 
 def fail(message: str):
@@ -109,7 +109,8 @@ cancel_request_timers()
 MODEL_TAG = resolve_model_tag()
 # Checked here, in the process `bentoml serve` starts from: a worker that fails would be restarted
 # forever, while an exit here stops the server with the reason.
-open_model(bentoml.models.get(MODEL_TAG).path_of("model.onnx"))
+_, MODEL_META = open_model(bentoml.models.get(MODEL_TAG).path_of("model.onnx"))
+Instances = instances_type(MODEL_META, MAX_ROWS)  # documents this model's requests in the spec
 
 
 class Prediction(BaseModel):
@@ -164,6 +165,11 @@ class Predictor:
     def score(self, feeds: dict[str, np.ndarray]) -> bytes:
         """Run the graph on checked raw inputs; the answer as JSON bytes."""
         out = self.session.run(self.outputs, feeds)
+        finite = np.isfinite(out[0].reshape(len(out[0]), -1)).all(axis=1)
+        if not finite.all():  # float32 overflow inside the graph: never answer NaN as null
+            rows = np.flatnonzero(~finite)
+            raise BadRequest(f"row {rows[0]}: the model's output overflows for these values (far "
+                             f"outside the training data?); {len(rows)} row(s) affected")
         if self.task == "classification":
             probabilities, labels = out
             body = {"predictions": [self.classes[i] for i in labels.tolist()],
@@ -192,19 +198,19 @@ class Predictor:
         inputs or raises BadRequest. One code path for the API below and its fast path in
         service/middleware.py."""
         try:
-            feeds = inputs()
+            return 200, self.score(inputs())
         except BadRequest as e:
             return e.status, orjson.dumps({"error": str(e)})
-        return 200, self.score(feeds)
 
     @bentoml.api(route="/predict")
     async def predict(
         self,
-        instances: Annotated[list[Any], Field(
+        instances: Annotated[Instances, Field(
             description="table models: rows of raw feature values in training order, or records "
-                        "keyed by feature name (GET /metadata lists the names); image models: "
-                        "images as [channels][height][width] lists of integers 0..255",
-            examples=[EXAMPLE_INPUT])],
+                        "keyed by feature name (GET /metadata lists the names); mixed tables: "
+                        "records with numbers, text and null; image models: images as "
+                        "[channels][height][width] lists of integers 0..255",
+            examples=[example(MODEL_META)])],
     ) -> Prediction:
         # JSON bodies are answered by FastPredict before they get here; this serves the other
         # content types BentoML accepts, and documents the endpoint in the OpenAPI spec.
@@ -225,9 +231,10 @@ class Predictor:
                 raise BadRequest(f"the image is {pixels.shape[2]}x{pixels.shape[1]} pixels; this model "
                                  f"takes {w}x{h} (it was trained without --image-size, so uploads "
                                  "are not resized)")
+            body = self.score({self.input: pixels[None]})
         except (BadRequest, ImageError) as e:
             return JSONResponse({"error": str(e)}, status_code=getattr(e, "status", 400))
-        return Response(self.score({self.input: pixels[None]}), media_type="application/json")
+        return Response(body, media_type="application/json")
 
 
 Predictor.add_asgi_middleware(BodyLimit, max_bytes=int(MAX_BODY_MB * 2 ** 20))

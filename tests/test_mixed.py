@@ -156,3 +156,11 @@ def test_missing_column_is_named(mixed_server, mixed_model):
     del row["sex"]
     status, body = request(mixed_server + "/predict", {"instances": [row]})
     assert status == 400 and "missing feature(s): sex" in body["error"]
+
+
+def test_bentoml_python_client_sends_mixed_records(mixed_server, mixed_model):
+    import bentoml
+    rows = records(odd_rows(mixed_model))
+    with bentoml.SyncHTTPClient(mixed_server) as client:
+        answer = client.predict(instances=rows)
+    assert answer == request(mixed_server + "/predict", {"instances": rows})[1]

@@ -127,6 +127,7 @@ BAD_REQUESTS = [
     (b'{"instances": [[1, 0, Infinity, 1]]}', "row 0, feature 'age': expected a finite number, got infinity"),
     ({"instances": [[1, 0, 1e300, 1]]}, "outside the float32 range"),
     ({"instances": []}, "instances is empty"),
+    ({"instances": [GOOD, [1.0, 3.4e38, 30, 1]]}, "row 1: the model's output overflows"),
     ({"instances": [GOOD] * (MAX_ROWS + 1)}, f"limit is {MAX_ROWS}"),
     ({"instances": "1,2,3,4"}, "instances must be a list of rows, got string '1,2,3,4'"),
     ({"rows": [GOOD]}, "an object without 'instances'"),
@@ -278,8 +279,9 @@ HOSTILE = [
      False, 400, "expected a finite number, got string"),
     ("huge integer", b'{"instances": [[1' + b"0" * 400 + b', 0, 30, 1]]}', "application/json",
      False, 400, "outside the float32 range"),
-    ("xml", b"<instances/>", "application/xml", False, 400, "Invalid JSON"),
-    ("form", b"instances=1", "application/x-www-form-urlencoded", False, 400, "instances"),
+    ("xml", b"<instances/>", "application/xml", False, 400, "unsupported Content-Type 'application/xml'"),
+    ("form", b"instances=1", "application/x-www-form-urlencoded", False, 400, "unsupported Content-Type"),
+    ("multipart without boundary", b"x", "multipart/form-data", False, 400, "unsupported Content-Type"),
     ("oversized", b'{"instances": [' + b"[1.0, 2.0, 3.0, 4.0]," * 60_000 + b"[1]]}",
      "application/json", False, 413, "over 1 MB"),
     ("oversized, chunked", b'{"instances": [' + b"[1.0, 2.0, 3.0, 4.0]," * 60_000 + b"[1]]}",
@@ -355,3 +357,30 @@ def test_damaged_model_refuses_to_start_with_one_line(classifier, damage, messag
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tag}: ") and message in lines[0], proc.stderr
+
+
+def test_openapi_fuzz_finds_no_server_error_and_no_schema_violation(server):
+    """schemathesis generates requests from the service's own OpenAPI spec (valid and invalid);
+    every answer must be documented, conform to its schema, and not be a 5xx."""
+    import shutil
+    st = shutil.which("st") or shutil.which("schemathesis")
+    proc = subprocess.run(
+        [st, "run", server + "/docs.json", "--max-examples", "500", "--seed", "7",
+         "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,"
+                     "content_type_conformance"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+    import re
+    generated = re.search(r"(\d+) generated", proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert generated and int(generated.group(1)) >= 1000, proc.stdout[-1000:]
+    assert request(server + "/predict", {"instances": [GOOD]})[0] == 200
+
+
+def test_bentoml_python_client_sends_rows_and_records(server, classifier):
+    import bentoml
+    X = classifier.split.X_test[:5].tolist()
+    names = classifier.card["feature_names"]
+    with bentoml.SyncHTTPClient(server) as client:
+        rows = client.predict(instances=X)
+        records = client.predict(instances=[dict(zip(names, r)) for r in X])
+    assert rows == records == request(server + "/predict", {"instances": X})[1]
