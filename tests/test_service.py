@@ -71,8 +71,12 @@ def start_server(env_extra: dict) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("bentoml serve did not become ready in 90 s")
 
 
+SERVER_PROCESSES: dict[str, subprocess.Popen] = {}  # url -> process, for memory readings
+
+
 def serving(result):
     proc, url = start_server({"MODEL_TAG": result.tag})
+    SERVER_PROCESSES[url] = proc
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -384,3 +388,18 @@ def test_bentoml_python_client_sends_rows_and_records(server, classifier):
         rows = client.predict(instances=X)
         records = client.predict(instances=[dict(zip(names, r)) for r in X])
     assert rows == records == request(server + "/predict", {"instances": X})[1]
+
+
+def test_short_soak_has_no_errors_and_flat_memory(server):
+    """The CI-sized soak: 5,000 requests from 32 concurrent clients (the 100,000-request soak is
+    `python -m benchmarks.serve_load --soak 100000`, figures in docs/benchmarks.md)."""
+    import asyncio
+
+    from benchmarks.serve_load import load, tree_rss_mb
+    body = json.dumps({"instances": [GOOD]}).encode()
+    asyncio.run(load(server, body, 32, requests=2000))  # warm-up: allocator and caches settle
+    before = tree_rss_mb(SERVER_PROCESSES[server])
+    result = asyncio.run(load(server, body, 32, requests=5000))
+    grown = tree_rss_mb(SERVER_PROCESSES[server]) - before
+    assert result["requests"] == 5000 and result["errors"] == 0
+    assert grown < 5, f"server memory grew {grown:.1f} MB over 5,000 requests"
