@@ -56,12 +56,13 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(receive, send)
-        seen = 0
+            return await self._refuse(receive, send, body_pending=True)
+        seen, pending = 0, True
 
         async def counting_receive():
-            nonlocal seen
+            nonlocal seen, pending
             message = await receive()
+            pending = message["type"] == "http.request" and message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 raise _TooLarge
@@ -70,13 +71,12 @@ class BodyLimit:
         try:
             await self.app(scope, counting_receive, send)
         except _TooLarge:
-            await self._refuse(receive, send)
+            await self._refuse(receive, send, body_pending=pending)
 
-    async def _refuse(self, receive, send):
-        more = True
-        while more:
+    async def _refuse(self, receive, send, body_pending: bool):
+        while body_pending:  # drain what is left; waiting past the last chunk would hang
             message = await receive()
-            more = message.get("more_body", False) and message["type"] != "http.disconnect"
+            body_pending = message["type"] == "http.request" and message.get("more_body", False)
         await _reply(send, 413, f"the request body is over {self.max_bytes // 2 ** 20} MB; split it "
                                 "into smaller requests (or raise MAX_BODY_MB)")
 

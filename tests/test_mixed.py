@@ -8,7 +8,7 @@ import torch
 from conftest import quick_config
 from test_service import request, serving
 from training import preprocess
-from training.data import DataError, split_table, to_table
+from training.data import DataError, to_table
 from training.fit import run
 
 ISLANDS = ["Biscoe", "Dream", "Torgersen"]

@@ -4,7 +4,6 @@ Everything but argument parsing is importable: tests call `run(config)` directly
 """
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import json
 import platform

@@ -1,0 +1,56 @@
+"""The ASGI middleware on its own, fed exact message sequences that HTTP timing only sometimes makes."""
+import asyncio
+import json
+
+import pytest
+
+from service.middleware import BodyLimit
+
+
+async def inner_app(scope, receive, send):
+    """Reads the whole body, then answers 200."""
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def call(app, messages: list[dict], headers=()):
+    queue = list(messages)
+    sent = []
+
+    async def receive():
+        if queue:
+            return queue.pop(0)
+        await asyncio.sleep(3600)  # a real server waits for the client's disconnect here
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": list(headers)}
+    await asyncio.wait_for(app(scope, receive, send), timeout=2)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+@pytest.mark.parametrize("messages", [
+    [{"type": "http.request", "body": b"x" * 150, "more_body": False}],  # the crossing chunk is the last
+    [{"type": "http.request", "body": b"x" * 60, "more_body": True},
+     {"type": "http.request", "body": b"x" * 60, "more_body": True},
+     {"type": "http.request", "body": b"x" * 60, "more_body": False}],
+], ids=["one chunk", "three chunks"])
+def test_oversized_body_gets_413_without_waiting(messages):
+    status, body = asyncio.run(call(BodyLimit(inner_app, max_bytes=100), messages))
+    assert status == 413 and "over" in json.loads(body)["error"]
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading():
+    messages = [{"type": "http.request", "body": b"x" * 10, "more_body": False}]
+    status, _ = asyncio.run(call(BodyLimit(inner_app, max_bytes=100), messages,
+                                 headers=[(b"content-length", b"5000")]))
+    assert status == 413
+
+
+def test_body_within_the_limit_passes():
+    messages = [{"type": "http.request", "body": b"x" * 90, "more_body": False}]
+    assert asyncio.run(call(BodyLimit(inner_app, max_bytes=100), messages)) == (200, b"ok")
