@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import bentoml
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -98,7 +99,6 @@ class FastPredict:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        import bentoml
         body = await _read_body(receive)
         if body is None:
             return
