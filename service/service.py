@@ -41,9 +41,21 @@ def fail(message: str):
     raise SystemExit(2)
 
 
+def packaged_model() -> str | None:
+    """In a built Bento (<bento>/src/service/service.py), the model it was built with."""
+    bento_yaml = Path(__file__).resolve().parents[2] / "bento.yaml"
+    if not bento_yaml.is_file():
+        return None
+    import yaml
+    info = yaml.safe_load(bento_yaml.read_text())
+    models = [m["tag"] for svc in info.get("services", []) for m in svc.get("models", [])]
+    return models[0] if models else None
+
+
 def resolve_model_tag() -> str:
-    """MODEL_TAG if set, else the newest model that `python -m training.fit` saved in the store."""
-    if tag := os.environ.get("MODEL_TAG"):
+    """MODEL_TAG if set; else, in a built Bento, its own model; else the newest model that
+    `python -m training.fit` saved in the store."""
+    if tag := os.environ.get("MODEL_TAG") or packaged_model():
         try:
             return str(bentoml.models.get(tag).tag)
         except bentoml.exceptions.NotFound:

@@ -203,7 +203,7 @@ def test_serves_the_newest_model_without_model_tag(tmp_path, csv_path):
     assert out.stdout.strip().splitlines()[-1] == newest.tag
 
 
-def test_bentoml_build_packages_the_model(classifier):
+def test_bentoml_build_packages_the_model_and_serves_it(classifier, tmp_path, csv_path):
     env = {**os.environ, "MODEL_TAG": classifier.tag}
     build = subprocess.run(["bentoml", "build", "--output", "tag"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -213,6 +213,24 @@ def test_bentoml_build_packages_the_model(classifier):
                           capture_output=True, text=True, timeout=120)
     (service,) = json.loads(info.stdout)["services"]
     assert [m["tag"] for m in service["models"]] == [classifier.tag]
+    # A newer model in the store does not change what the Bento serves.
+    run(quick_config(tmp_path, data=str(csv_path), target="label", epochs=1))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MODEL_TAG"}
+    proc = subprocess.Popen(["bentoml", "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 90
+        while time.time() < deadline:
+            try:
+                if request(url + "/readyz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.25)
+        assert request(url + "/metadata")[1]["model"] == classifier.tag
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_image_upload_to_a_table_model_is_refused(server):
