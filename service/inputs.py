@@ -60,7 +60,8 @@ def _row_values(i: int, row, feature_names: list[str]) -> list:
         if missing := [f for f in feature_names if f not in row]:
             raise BadRequest(f"row {i}: missing feature(s): {', '.join(missing)}")
         if len(row) != n:
-            unknown = [str(k) for k in row if k not in set(feature_names)]
+            known = set(feature_names)
+            unknown = [str(k) for k in row if k not in known]
             raise BadRequest(f"row {i}: unknown feature(s): {', '.join(unknown)}; "
                              f"expected {', '.join(feature_names)}")
         return [row[f] for f in feature_names]

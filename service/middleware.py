@@ -146,7 +146,7 @@ class UploadGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         request = Request(scope, replay)
-        if request.headers.get("content-type", "").split(";")[0].strip() != "multipart/form-data":
+        if _content_type(scope) != b"multipart/form-data":
             return await _reply(send, 400, f"upload the image as multipart/form-data in the field "
                                            f"{UPLOAD_FIELD!r}")
         try:

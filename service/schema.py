@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, create_model
 
-FLOAT32_MAX = 3.4028234663852886e38
+from service.inputs import FLOAT32_MAX
 Number = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 Pixel = Annotated[int, Field(ge=0, le=255)]
 

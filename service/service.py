@@ -26,10 +26,10 @@ from starlette.routing import Route
 from service.inputs import BadRequest, parse_images, parse_instances, parse_npy, parse_records
 from service.middleware import BodyLimit, FastPredict, UploadGuard, cancel_request_timers
 from service.schema import example, instances_type
-from training.contract import MODALITY_METADATA, OUTPUTS, REQUIRED_METADATA, decode_metadata
+from training.contract import (MODALITY_METADATA, OUTPUTS, PIPELINE_LABEL, REQUIRED_METADATA,
+                               decode_metadata)
 from training.images import ImageError, read_image
 
-PIPELINE_LABEL = "normserve"
 MAX_ROWS = int(os.environ.get("MAX_ROWS", "10000"))
 MAX_BODY_MB = float(os.environ.get("MAX_BODY_MB", "64"))
 WORKERS = int(os.environ.get("WORKERS", "1"))
@@ -119,9 +119,13 @@ def open_model(path: str, threads: int = 1):
 
 cancel_request_timers()
 MODEL_TAG = resolve_model_tag()
-# Checked here, in the process `bentoml serve` starts from: a worker that fails would be restarted
-# forever, while an exit here stops the server with the reason.
-_, MODEL_META = open_model(bentoml.models.get(MODEL_TAG).path_of("model.onnx"))
+# BentoML sets no thread limits: workers each using every core would fight each other. Count the
+# cores this process may run on (taskset, cgroups), not the machine's.
+THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
+# Opened and checked once per process, at import: in the process `bentoml serve` starts from, an
+# exit here stops the server with the reason (a worker that fails would be restarted forever);
+# in a worker, this is the session the service uses.
+MODEL_SESSION, MODEL_META = open_model(bentoml.models.get(MODEL_TAG).path_of("model.onnx"), THREADS)
 Instances = instances_type(MODEL_META, MAX_ROWS)  # documents this model's requests in the spec
 
 
@@ -147,22 +151,18 @@ async def metadata_route(request: Request) -> JSONResponse:
     tracing={"excluded_urls": None if os.environ.get("TRACING") == "1" else ".*"},
 )
 class Predictor:
-    model = bentoml.models.BentoModel(MODEL_TAG)
+    model = bentoml.models.BentoModel(MODEL_TAG)  # a class attribute, so `bentoml build` packages it
 
     def __init__(self) -> None:
-        # BentoML sets no thread limits: workers each using every core would fight each other.
-        # Count the cores this process may run on (taskset, cgroups), not the machine's.
-        threads = max(1, len(os.sched_getaffinity(0)) // WORKERS)
-        self.session, meta = open_model(self.model.path_of("model.onnx"), threads)
+        self.session, meta = MODEL_SESSION, MODEL_META
         self.task, self.feature_names = meta["task"], meta["feature_names"]
         self.classes, self.input, self.image = meta["classes"], meta["input"], meta.get("image")
         self.columns = meta.get("columns")  # mixed tables: one graph input per column
         self.outputs = OUTPUTS[self.task]
         self.metadata = {k: meta.get(k) for k in (
             "model", "task", "modality", "input", "outputs", "feature_names", "columns", "image",
-            "classes",
-            "normalization", "target_normalization", "metrics", "versions", "created_at",
-            "schema_version")}
+            "classes", "normalization", "target_normalization", "metrics", "versions",
+            "created_at", "schema_version")}
         self.metadata["max_rows"] = MAX_ROWS
         if self.image:
             self.shape = (self.image["channels"], self.image["height"], self.image["width"])

@@ -9,6 +9,7 @@ target's units. Every metadata entry is a JSON value.
 import json
 
 SCHEMA_VERSION = 1
+PIPELINE_LABEL = "normserve"  # the BentoML store label of models this project trained
 INPUTS = {"table": "features", "image": "images", "mixed": None}  # mixed: per column
 OUTPUTS = {"classification": ["probabilities", "label"], "regression": ["prediction"]}
 # What a model file must carry for the service to use it, and what each modality adds.

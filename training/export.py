@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from training.contract import OUTPUTS, encode_metadata
+from training.contract import OUTPUTS, PIPELINE_LABEL, encode_metadata
 
 PARITY_TOLERANCE = 1e-4
 
@@ -107,9 +107,10 @@ def plot_curves(history: list[dict], metric: str, path: Path) -> None:
 
 
 def write_artifacts(out_dir: Path, proto: onnx.ModelProto, card: dict, config_yaml: str,
-                    history: list[dict], metric: str) -> Path:
+                    history: list[dict], metric: str) -> dict:
     """Write model.onnx, card.json, config.yaml and curves.png into a temporary folder beside
-    out_dir, then rename it: a crash leaves no half-written model."""
+    out_dir, then rename it: a crash leaves no half-written model. Returns the card as written
+    (with the sha256 of model.onnx)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -124,13 +125,13 @@ def write_artifacts(out_dir: Path, proto: onnx.ModelProto, card: dict, config_ya
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+    return card
 
 
 def save_to_bentoml(out_dir: Path, name: str, version: str, task: str) -> str:
     """Copy the artifacts into the BentoML model store as name:version (under $BENTOML_HOME)."""
     import bentoml
-    with bentoml.models.create(f"{name}:{version}", labels={"pipeline": "normserve", "task": task},
+    with bentoml.models.create(f"{name}:{version}", labels={"pipeline": PIPELINE_LABEL, "task": task},
                                metadata={"task": task, "source_dir": str(out_dir)}) as ref:
         for f in out_dir.iterdir():
             shutil.copy2(f, Path(ref.path) / f.name)

@@ -5,7 +5,6 @@ Everything but argument parsing is importable: tests call `run(config)` directly
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 import secrets
 import sys
@@ -260,10 +259,9 @@ def run(cfg: Config) -> Result:
                          "stopped_early": t.stopped_early, "seconds": round(t.seconds, 3),
                          "device": str(t.device), "resumed": t.resumed},
             "parity": parity, "config": cfg.to_dict(), "history": t.history}
-    out_dir = write_artifacts(Path(cfg.models_dir) / cfg.model_name / t.version, proto, card,
-                              yaml.safe_dump(cfg.to_dict(), sort_keys=False), t.history,
-                              engine.monitor(task)[0])
-    card = json.loads((out_dir / "card.json").read_text())
+    out_dir = Path(cfg.models_dir) / cfg.model_name / t.version
+    card = write_artifacts(out_dir, proto, card, yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                           t.history, engine.monitor(task)[0])
     tag = save_to_bentoml(out_dir, cfg.model_name, t.version, task) if cfg.store else None
     checkpoint_path(cfg).unlink(missing_ok=True)  # the run is complete; nothing is left to resume
     card["total_seconds"] = round(time.perf_counter() - started, 2)
@@ -273,7 +271,7 @@ def run(cfg: Config) -> Result:
 def summary(result: Result) -> str:
     """The table printed at the end of a run."""
     c = result.card
-    metric = "accuracy" if c["task"] == "classification" else "rmse"
+    metric = engine.monitor(c["task"])[0]
     t = c["training"]
     what = (f"{len(c['classes'])} classes" if c["classes"] else "regression")
     inputs = (f"{c['image']['channels']}x{c['image']['height']}x{c['image']['width']} images"
