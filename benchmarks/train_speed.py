@@ -78,7 +78,8 @@ def dataloader_epoch(net, optimizer, X, y, batch_size, device):
 
 def project_epoch(net, optimizer, X, y, batch_size, generator):
     schedule = engine.LRSchedule("none", optimizer, 1e-3, 1, 1, 0, True)
-    engine.train_one_epoch(net, X, y, "classification", optimizer, schedule, batch_size, generator)
+    engine.train_one_epoch(net, engine.shuffled_batches(X, y, batch_size, generator), "classification",
+                           optimizer, schedule)
 
 
 def best_rates(loops: dict, rows: int, repeats: int, device) -> dict[str, float]:

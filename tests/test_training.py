@@ -40,7 +40,8 @@ def _fit_steps(scheduler: str, epochs: int = 5, n: int = 129, batch: int = 32):
     gen, lrs = torch.Generator().manual_seed(0), []
     for _ in range(epochs):
         lrs.append(opt.param_groups[0]["lr"])
-        engine.train_one_epoch(net, X, y, "classification", opt, schedule, batch, gen)
+        engine.train_one_epoch(net, engine.shuffled_batches(X, y, batch, gen), "classification", opt,
+                               schedule)
         schedule.after_epoch(engine.evaluate(net, X, y, "classification")["accuracy"])
     return schedule, lrs
 

@@ -43,6 +43,13 @@ class Config:
     val_size: float = _opt(0.15, "share of rows held out for validation (early stopping)")
     test_size: float = _opt(0.15, "share of rows held out for the final test metrics")
     seed: int = _opt(0, "seed for the split, the weights and the batch order")
+    # tables larger than memory
+    stream: bool = _opt(False, "read --data in chunks instead of whole (tables larger than memory; "
+                               "numeric feature columns)")
+    chunk_rows: int = _opt(100_000, "--stream: rows read at a time")
+    shuffle_rows: int = _opt(500_000, "--stream: rows held in the shuffle buffer")
+    eval_rows: int = _opt(100_000, "--stream: the metrics use a uniform sample of up to this many "
+                                   "rows of each split")
     # recipe: each part can be switched off for ablation
     normalize: bool = _opt(True, "standardize inputs with a StandardScaler fitted on the training split")
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
@@ -75,6 +82,11 @@ class Config:
             raise ConfigError("--image-size must be between 4 and 1024")
         if self.data and not self.target:
             raise ConfigError("--data needs --target: name the column to predict")
+        if self.stream and not self.data:
+            raise ConfigError("--stream reads a --data CSV or Parquet file")
+        if self.stream and (self.categorical or self.numeric):
+            raise ConfigError("--stream takes numeric feature columns; --categorical/--numeric "
+                              "need an in-memory run (without --stream)")
         if not 0 < self.val_size < 1 or not 0 < self.test_size < 1 or self.val_size + self.test_size >= 1:
             raise ConfigError("--val-size and --test-size must be in (0, 1) and add up to less than 1")
         for ok, message in [(self.epochs >= 1, "--epochs must be at least 1"),
@@ -83,7 +95,9 @@ class Config:
                             (self.channels and min(self.channels) >= 1, "--channels must be >= 1"),
                             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
                             (self.lr > 0, "--lr must be positive"),
-                            (self.patience >= 0, "--patience must be >= 0")]:
+                            (self.patience >= 0, "--patience must be >= 0"),
+                            (min(self.chunk_rows, self.shuffle_rows, self.eval_rows) >= 1,
+                             "--chunk-rows, --shuffle-rows and --eval-rows must be >= 1")]:
             if not ok:
                 raise ConfigError(message)
 
@@ -99,9 +113,11 @@ class Config:
 
 
 # Fields that define what is trained: a checkpoint made under other values cannot be resumed.
-RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric", "drop", "images", "image_size", "task", "val_size",
-                "test_size", "seed", "normalize", "batchnorm", "hidden", "channels", "augment",
-                "dropout", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "epochs", "batch_size")
+RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric", "drop", "images",
+                "image_size", "task", "val_size", "test_size", "seed", "normalize", "batchnorm",
+                "hidden", "channels", "augment", "dropout", "optimizer", "lr", "momentum",
+                "weight_decay", "scheduler", "epochs", "batch_size", "stream", "chunk_rows",
+                "shuffle_rows")
 
 
 def _list_of(kind):

@@ -66,7 +66,11 @@ def load_builtin(name: str) -> tuple[pd.DataFrame, str]:
     return frame, "target"
 
 
-def read_table(path: str) -> pd.DataFrame:
+PARQUET, CSV = (".parquet", ".pq"), (".csv", ".txt", ".tsv")
+
+
+def check_file(path: str) -> str:
+    """The file's lower-case suffix, once it is known to be a non-empty CSV or Parquet file."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"data file not found: {path}")
@@ -75,26 +79,32 @@ def read_table(path: str) -> pd.DataFrame:
     if p.stat().st_size == 0:
         raise DataError(f"{path} is empty")
     suffix = p.suffix.lower()
+    if suffix not in PARQUET + CSV:
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv or .parquet")
+    return suffix
+
+
+def read_table(path: str) -> pd.DataFrame:
+    p, suffix = Path(path), check_file(path)
     try:
-        if suffix in (".parquet", ".pq"):
+        if suffix in PARQUET:
             frame = pd.read_parquet(p)
-        elif suffix in (".csv", ".txt", ".tsv"):
-            frame = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
         else:
-            raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv or .parquet")
-    except DataError:
-        raise
+            frame = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text") from None
     except Exception as e:  # pandas/pyarrow raise many kinds; the first line names the problem
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot read {path}: {first}") from None
-    header = _csv_header(p) if suffix in (".csv", ".txt", ".tsv") else list(map(str, frame.columns))
-    if dupes := sorted({c for c in header if header.count(c) > 1}):
-        raise DataError(f"{path}: duplicate column names: {', '.join(dupes)}")
+    check_header(path, _csv_header(p) if suffix in CSV else list(map(str, frame.columns)))
     if frame.empty:
         raise DataError(f"{path} has no data rows")
     return frame
+
+
+def check_header(path: str, header: list[str]) -> None:
+    if dupes := sorted({c for c in header if header.count(c) > 1}):
+        raise DataError(f"{path}: duplicate column names: {', '.join(dupes)}")
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -171,9 +181,9 @@ def column_types(frame: pd.DataFrame, features: list[str], categorical, numeric)
     return types
 
 
-def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task: str,
-             source: str, categorical=None, numeric=None, drop=None) -> Table:
-    """Check the frame and encode it; every problem is a DataError naming the columns."""
+def select_features(frame: pd.DataFrame, target: str, features: list[str] | None, drop) -> list:
+    """The feature columns: the ones named, else all but the target, less --drop and obvious row
+    ids (judged on `frame`: the whole table, or a streamed file's first chunk)."""
     if target not in frame.columns:
         raise DataError(f"target column {target!r} not found; columns are: {_names(frame.columns)}"
                         + _delimiter_hint(frame))
@@ -195,6 +205,13 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     features = [c for c in features if c not in (drop or ())]
     if not features:
         raise DataError("no feature columns: the table has only the target")
+    return features
+
+
+def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task: str,
+             source: str, categorical=None, numeric=None, drop=None) -> Table:
+    """Check the frame and encode it; every problem is a DataError naming the columns."""
+    features = select_features(frame, target, features, drop)
 
     missing_target = frame[target].isna()
     dropped = int(missing_target.sum())

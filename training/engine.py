@@ -29,9 +29,12 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def shuffled_batches(X: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """(inputs, targets) batches of one epoch in a random order: one gather, then views."""
-    perm = torch.randperm(len(X), generator=generator).to(X.device)
+def shuffled_batches(X: torch.Tensor, y: torch.Tensor, batch_size: int,
+                     generator: torch.Generator | None = None, order: torch.Tensor | None = None):
+    """(inputs, targets) batches of one epoch in a random order (or the rows `order` gives, in
+    that order): one gather, then views."""
+    perm = torch.randperm(len(X), generator=generator) if order is None else order
+    perm = perm.to(X.device)
     X, y = X[perm], y[perm]
     return [(X[a:b], y[a:b]) for a, b in batch_bounds(len(X), batch_size)]
 
@@ -103,15 +106,16 @@ def loss_fn(task: str):
     return F.cross_entropy if task == "classification" else lambda out, y: F.mse_loss(out.squeeze(-1), y)
 
 
-def train_one_epoch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str, optimizer,
-                    schedule: LRSchedule, batch_size: int, generator: torch.Generator) -> float:
-    """One pass over (X, y) in random batches; returns the mean training loss."""
+def train_one_epoch(model: nn.Module, batches, task: str, optimizer,
+                    schedule: LRSchedule) -> tuple[float, int]:
+    """One pass over (inputs, targets) batches; returns the summed training loss and the rows."""
     model.train()
     compute_loss = loss_fn(task)
-    total, rows = torch.zeros((), device=X.device), 0
+    device = next(model.parameters()).device
+    total, rows = torch.zeros((), device=device), 0
     # bf16 autocast on CUDA: no gradient scaler needed, unlike fp16.
-    with torch.autocast(X.device.type, dtype=torch.bfloat16, enabled=X.device.type == "cuda"):
-        for xb, yb in shuffled_batches(X, y, batch_size, generator):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for xb, yb in batches:
             loss = compute_loss(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -119,7 +123,7 @@ def train_one_epoch(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: st
             schedule.after_batch()
             total += loss.detach() * len(xb)  # stays on the device: no sync per batch
             rows += len(xb)
-    return float(total) / rows
+    return float(total), rows
 
 
 @torch.no_grad()

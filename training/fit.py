@@ -4,7 +4,10 @@ Everything but argument parsing is importable: tests call `run(config)` directly
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import math
+import os
 import platform
 import secrets
 import sys
@@ -18,9 +21,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from training import engine
+from training import engine, stream
 from training.config import RUN_DEFINING, Config, ConfigError, load_config
 from training.data import DataError, Split, Table, load_table, split_table
+from training.distributed import World
 from training.contract import INPUTS, OUTPUTS, SCHEMA_VERSION
 from training.export import (ExportError, check_parity, export_onnx, save_to_bentoml, set_metadata,
                              write_artifacts)
@@ -39,14 +43,6 @@ class Result:
     preprocessor: object | None = None  # mixed tables: the fitted scikit-learn pipeline
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def new_version() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
 
@@ -62,7 +58,7 @@ def checkpoint_path(cfg: Config) -> Path:
     return Path(cfg.models_dir) / cfg.model_name / "checkpoint.pt"
 
 
-def _resume_state(cfg: Config) -> dict:
+def _resume_state(cfg: Config, world_size: int) -> dict:
     path = checkpoint_path(cfg)
     if not path.exists():
         raise ConfigError(f"--resume: no checkpoint at {path}; start the run without --resume")
@@ -74,6 +70,9 @@ def _resume_state(cfg: Config) -> dict:
     if changed := [k for k in RUN_DEFINING if saved.get(k) != now.get(k)]:
         diffs = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
         raise ConfigError(f"--resume: checkpoint {path} was made with a different config: {diffs}")
+    if state.get("world_size", 1) != world_size:
+        raise ConfigError(f"--resume: checkpoint {path} was made by {state.get('world_size', 1)} "
+                          f"process(es), this run has {world_size}")
     return state
 
 
@@ -83,6 +82,7 @@ class Trained:
     net: TabularNet | ConvNet
     table: Table
     split: Split
+    rows: dict[str, int]              # rows per split (a streamed split holds samples of them)
     tensors: dict[str, torch.Tensor]  # the splits as the network takes them (targets standardized)
     mean: np.ndarray                  # input normalization, from the training split
     scale: np.ndarray
@@ -96,6 +96,7 @@ class Trained:
     device: torch.device
     version: str
     resumed: bool
+    distributed: dict | None = None   # under torchrun: world size, backend, batch per rank
 
 
 def build_network(cfg: Config, table: Table, n_inputs: int, mean, scale) -> TabularNet | ConvNet:
@@ -106,48 +107,114 @@ def build_network(cfg: Config, table: Table, n_inputs: int, mean, scale) -> Tabu
     return TabularNet(n_inputs, n_out, cfg.hidden, cfg.batchnorm, cfg.dropout, mean, scale)
 
 
-def train(cfg: Config, table: Table | None = None, checkpoints: bool = True) -> Trained:
-    """Load and split the data (unless given), fit the normalization on the training split,
-    train with early stopping and restore the best epoch's weights."""
+@dataclass
+class Data:
+    """The data as the training loop takes it, with its statistics from the training split."""
+    table: Table                 # streamed: the description only, no rows
+    split: Split                 # streamed: a uniform sample of each split (rank 0; empty elsewhere)
+    rows: dict[str, int]
+    inputs: list                 # train, validation, test inputs as the network takes them
+    mean: np.ndarray
+    scale: np.ndarray
+    y_mean: float
+    y_scale: float
+    preprocessor: object | None = None
+    scan: stream.Scan | None = None
+
+
+def load_data(cfg: Config, table: Table | None, world: World) -> Data:
+    """Load, split and fit the normalization, once (on rank 0 under torchrun)."""
+    if cfg.stream:
+        s = world.share(lambda: stream.scan(cfg, world.size),
+                        public=lambda s: dataclasses.replace(s, split=None))
+        n = len(s.features)
+        table = Table(np.empty((0, n)), np.empty(0), s.features, s.task, s.classes, cfg.data,
+                      s.dropped_rows)
+        split = s.split or Split(*[np.empty((0, n)), np.empty(0, np.int64)] * 3, stratified=False)
+        return Data(table, split, s.rows, [split.X_train, split.X_val, split.X_test], s.mean, s.scale,
+                    s.y_mean, s.y_scale, scan=s)
+
     table = table or load_table(cfg)
     split = split_table(table, cfg.val_size, cfg.test_size, cfg.seed)
-    device = pick_device(cfg.device)
-    task, classification = table.task, table.task == "classification"
-    state = _resume_state(cfg) if cfg.resume else None
-    version = state["version"] if state else new_version()
-
-    image, mixed = table.modality == "image", table.modality == "mixed"
-    # Statistics from the training split only.
-    preprocessor = None
+    rows = {"train": len(split.y_train), "validation": len(split.y_val), "test": len(split.y_test)}
     inputs = [split.X_train, split.X_val, split.X_test]
-    if mixed:  # the scikit-learn pipeline imputes, standardizes and encodes; the net adds nothing
-        preprocessor = preprocess.fit_preprocessor(split.X_train, table.columns, cfg.normalize)
-        inputs = [preprocess.transform(preprocessor, frame) for frame in inputs]
-        mean, scale = np.zeros(inputs[0].shape[1]), np.ones(inputs[0].shape[1])
-    else:
-        mean, scale = (fit_channel_stats if image else fit_normalizer)(split.X_train, cfg.normalize)
     y_mean, y_scale = 0.0, 1.0
-    if not classification:  # regression targets are learned standardized, exported in their units
+    if table.task == "regression":  # targets are learned standardized, exported in their units
         y_mean, y_scale = float(split.y_train.mean()), float(split.y_train.std()) or 1.0
-    torch.manual_seed(cfg.seed)
-    net = build_network(cfg, table, inputs[0].shape[1], mean, scale).to(device)
-    scale_y = (lambda y: y) if classification else (lambda y: (y - y_mean) / y_scale)
-    X_train, y_train, X_val, y_val, X_test, y_test = engine.to_device(
-        [inputs[0], scale_y(split.y_train), inputs[1], scale_y(split.y_val),
-         inputs[2], scale_y(split.y_test)], device,
-        [torch.uint8 if image else torch.float32, torch.int64 if classification else torch.float32] * 3)
+    if table.modality == "mixed":  # the scikit-learn pipeline imputes, standardizes and encodes
+        preprocessor = world.share(
+            lambda: preprocess.fit_preprocessor(split.X_train, table.columns, cfg.normalize))
+        inputs = [preprocess.transform(preprocessor, frame) for frame in inputs]
+        width = inputs[0].shape[1]
+        return Data(table, split, rows, inputs, np.zeros(width), np.ones(width), y_mean, y_scale,
+                    preprocessor)
+    fit = fit_channel_stats if table.modality == "image" else fit_normalizer
+    mean, scale = world.share(lambda: fit(split.X_train, cfg.normalize))
+    return Data(table, split, rows, inputs, mean, scale, y_mean, y_scale)
 
-    optimizer = engine.make_optimizer(net.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
+
+def train(cfg: Config, table: Table | None = None, checkpoints: bool = True) -> Trained | None:
+    """Load and split the data (unless given), fit the normalization on the training split,
+    train with early stopping and restore the best epoch's weights. Under torchrun every rank
+    trains its shard; rank 0 gets the result, the other ranks None."""
+    world = World.start(cfg.device)
+    try:
+        return _train(cfg, table, checkpoints, world)
+    finally:
+        world.close()
+
+
+def _train(cfg: Config, table: Table | None, checkpoints: bool, world: World) -> Trained | None:
+    device = world.device
+    if cfg.batch_size < 2 * world.size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch: it needs at least 2 "
+                          f"rows for each of the {world.size} ranks (BatchNorm)")
+    batch_size = cfg.batch_size // world.size  # per rank; the global batch is the same as one process's
+    state = _resume_state(cfg, world.size) if cfg.resume else None
+    version = state["version"] if state else world.share(new_version)
+    data = load_data(cfg, table, world)
+    table, task = data.table, data.table.task
+    classification = task == "classification"
+
+    torch.manual_seed(cfg.seed)
+    net = build_network(cfg, table, data.inputs[0].shape[1], data.mean, data.scale).to(device)
+    model = world.wrap(net)  # DistributedDataParallel under torchrun; the network itself otherwise
+    core = model.module if world.size > 1 else model
+    if world.size > 1:
+        torch.manual_seed(cfg.seed + world.rank)  # each rank its own dropout and augmentation
+    y_mean, y_scale = data.y_mean, data.y_scale
+    scale_y = (lambda y: y) if classification else (lambda y: (y - y_mean) / y_scale)
+    split = data.split
+    X_train, y_train, X_val, y_val, X_test, y_test = engine.to_device(
+        [data.inputs[0], scale_y(split.y_train), data.inputs[1], scale_y(split.y_val),
+         data.inputs[2], scale_y(split.y_test)], device,
+        [torch.uint8 if table.modality == "image" else torch.float32,
+         torch.int64 if classification else torch.float32] * 3)
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.stream:  # every rank takes as many steps as the smallest shard allows
+        steps = min(engine.steps_per_epoch(n, batch_size) for n in data.scan.rows_per_rank)
+        batches = lambda epoch: stream.train_batches(  # noqa: E731
+            cfg, data.scan, world.rank, world.size, epoch, batch_size, steps, device)
+    elif world.size > 1:  # DistributedSampler pads the shards to one length
+        steps = engine.steps_per_epoch(math.ceil(len(X_train) / world.size), batch_size)
+        batches = lambda epoch: engine.shuffled_batches(  # noqa: E731
+            X_train, y_train, batch_size, order=world.sampler_order(len(X_train), cfg.seed, epoch))
+    else:
+        steps = engine.steps_per_epoch(len(X_train), batch_size)
+        batches = lambda epoch: engine.shuffled_batches(X_train, y_train, batch_size, generator)  # noqa: E731
+    if steps == 0:
+        raise DataError("too few training rows for one batch on every rank")
+
+    optimizer = engine.make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
                                       cfg.momentum)
     metric, higher = engine.monitor(task)
-    schedule = engine.LRSchedule(cfg.scheduler, optimizer, cfg.lr, cfg.epochs,
-                                 engine.steps_per_epoch(len(X_train), cfg.batch_size),
-                                 cfg.patience, higher)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    schedule = engine.LRSchedule(cfg.scheduler, optimizer, cfg.lr, cfg.epochs, steps, cfg.patience,
+                                 higher)
     history: list[dict] = []
     best, best_state, best_epoch, start_epoch, elapsed_before = None, None, 0, 0, 0.0
     if state:
-        net.load_state_dict(state["model"])
+        core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
@@ -156,45 +223,52 @@ def train(cfg: Config, table: Table | None = None, checkpoints: bool = True) -> 
         best_state, start_epoch, elapsed_before = state["best_state"], state["epoch"], state["elapsed"]
 
     ckpt = checkpoint_path(cfg)
+    checkpoints = checkpoints and world.main  # rank 0 writes; every rank can resume from it
     if checkpoints:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
     train_started = time.perf_counter()
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"train {cfg.model_name}", unit="epoch",
-               initial=start_epoch, total=cfg.epochs, disable=not cfg.progress, file=sys.stderr)
+               initial=start_epoch, total=cfg.epochs, disable=not (cfg.progress and world.main),
+               file=sys.stderr)
     stopped_early = False
     for epoch in bar:
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = engine.train_one_epoch(net, X_train, y_train, task, optimizer, schedule,
-                                            cfg.batch_size, generator)
-        val = engine.evaluate(net, X_val, y_val, task, y_mean, y_scale)
+        train_loss = world.mean(*engine.train_one_epoch(model, batches(epoch), task, optimizer,
+                                                        schedule))
+        # Rank 0 evaluates and every rank follows its verdict, so all stop at the same epoch.
+        val = world.share(lambda: engine.evaluate(core, X_val, y_val, task, y_mean, y_scale))
         schedule.after_epoch(val[metric])
         elapsed = elapsed_before + time.perf_counter() - train_started
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                         f"val_{metric}": val[metric], "lr": lr, "seconds": round(elapsed, 4)})
         if engine.is_better(val, best, task):
             best, best_epoch = val, epoch + 1
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
         bar.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val[metric]:.4f}"},
                         lr=f"{lr:.2e}")
         stopped_early = bool(cfg.patience and epoch + 1 - best_epoch >= cfg.patience)
         if checkpoints:
             engine.save_checkpoint(ckpt, {
-                "config": cfg.to_dict(), "version": version, "epoch": epoch + 1,
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "config": cfg.to_dict(), "world_size": world.size, "version": version,
+                "epoch": epoch + 1, "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": schedule.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "history": history, "best": best,
                 "best_epoch": best_epoch, "best_state": best_state, "elapsed": elapsed})
         if stopped_early:
             break
     bar.close()
+    if not world.main:
+        return None
 
-    net.load_state_dict(best_state)
+    # A plain network (BatchNorm, not SyncBatchNorm; no DDP wrapper) with the best weights.
+    final = build_network(cfg, table, data.inputs[0].shape[1], data.mean, data.scale)
+    final.load_state_dict(best_state)
     tensors = dict(zip(["X_train", "y_train", "X_val", "y_val", "X_test", "y_test"],
                        (t.cpu() for t in (X_train, y_train, X_val, y_val, X_test, y_test))))
-    return Trained(net.cpu().eval(), table, split, tensors, mean, scale, y_mean, y_scale,
-                   preprocessor, history,
-                   best_epoch, stopped_early, elapsed_before + time.perf_counter() - train_started,
-                   device, version, bool(state))
+    return Trained(final.eval(), table, split, data.rows, tensors, data.mean, data.scale, y_mean,
+                   y_scale, data.preprocessor, history, best_epoch, stopped_early,
+                   elapsed_before + time.perf_counter() - train_started, device, version,
+                   bool(state), world.describe(batch_size))
 
 
 def evaluate_splits(t: Trained) -> dict[str, dict[str, float]]:
@@ -229,11 +303,14 @@ def model_metadata(cfg: Config, t: Trained, metrics: dict) -> dict:
     }
 
 
-def run(cfg: Config) -> Result:
+def run(cfg: Config) -> Result | None:
     """Load, split, normalize, train, evaluate, export and save. Raises DataError, ConfigError or
-    ExportError with a one-line message; on any error nothing is written to models/<name>/<version>."""
+    ExportError with a one-line message; on any error nothing is written to models/<name>/<version>.
+    Under torchrun, rank 0 exports and returns the result; the other ranks return None."""
     started = time.perf_counter()
     t = train(cfg)
+    if t is None:
+        return None
     task, metrics = t.table.task, evaluate_splits(t)
     head = serving_model(t.net, task, t.y_mean, t.y_scale)
     metadata = model_metadata(cfg, t, metrics)
@@ -252,12 +329,15 @@ def run(cfg: Config) -> Result:
     parity = check_parity(proto, head, X_test, feeds, task)
 
     split = t.split
-    card = {**metadata, "source": t.table.source, "rows": {"train": len(split.y_train),
-            "validation": len(split.y_val), "test": len(split.y_test)},
+    card = {**metadata, "source": t.table.source, "rows": t.rows,
             "dropped_rows_missing_target": t.table.dropped_rows, "stratified": split.stratified,
             "training": {"epochs_run": len(t.history), "best_epoch": t.best_epoch,
                          "stopped_early": t.stopped_early, "seconds": round(t.seconds, 3),
-                         "device": str(t.device), "resumed": t.resumed},
+                         "device": str(t.device), "resumed": t.resumed,
+                         "distributed": t.distributed,
+                         "streamed": {"metrics_on_sample_rows": {
+                             "train": len(split.y_train), "validation": len(split.y_val),
+                             "test": len(split.y_test)}} if cfg.stream else None},
             "parity": parity, "config": cfg.to_dict(), "history": t.history}
     out_dir = Path(cfg.models_dir) / cfg.model_name / t.version
     card = write_artifacts(out_dir, proto, card, yaml.safe_dump(cfg.to_dict(), sort_keys=False),
@@ -284,6 +364,12 @@ def summary(result: Result) -> str:
                    f"{', stopped early' if t['stopped_early'] else ''})"),
         ("time", f"{t['seconds']:.1f} s training, {c['total_seconds']:.1f} s in all, on {t['device']}"),
     ]
+    if d := t.get("distributed"):
+        rows.append(("processes", f"{d['world_size']} ranks ({d['backend']}), {d['batch_per_rank']} "
+                                  "rows per rank per step"))
+    if streamed := t.get("streamed"):
+        rows.append(("streamed", "metrics on uniform samples of "
+                     + " / ".join(map(str, streamed["metrics_on_sample_rows"].values())) + " rows"))
     extra = ["mae", "r2"] if metric == "rmse" else []
     for split_name in ("validation", "test"):
         m = c["metrics"][split_name]
@@ -307,12 +393,14 @@ def main(argv: list[str] | None = None) -> int:
             if w.filename.endswith("data.py"):  # our own notices; library chatter stays quiet
                 print(f"note: {w.message}", file=sys.stderr)
     except (DataError, ConfigError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same error
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
-    print(summary(result))
+    if result is not None:
+        print(summary(result))
     return 0
 
 
