@@ -112,4 +112,5 @@ class World:
 
     def close(self) -> None:
         if self.size > 1 and dist.is_initialized():
+            dist.barrier()  # gloo aborts a process that leaves while a peer still talks to it
             dist.destroy_process_group()
