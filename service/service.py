@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from service.inputs import BadRequest, parse_images, parse_instances, parse_npy, parse_records
 from service.middleware import BodyLimit, FastPredict, UploadGuard, cancel_request_timers
+from service import monitor
 from service.schema import example, instances_type
 from training.contract import (MODALITY_METADATA, OUTPUTS, PIPELINE_LABEL, REQUIRED_METADATA,
                                decode_metadata)
@@ -141,7 +142,19 @@ async def metadata_route(request: Request) -> JSONResponse:
     return JSONResponse(bentoml.get_current_service().metadata)
 
 
-@bentoml.asgi_app(Starlette(routes=[Route("/metadata", metadata_route, methods=["GET"])]), path="/")
+async def drift_route(request: Request) -> Response:
+    """Live inputs vs. the training profile, per feature, since start and over the recent window."""
+    watcher = bentoml.get_current_service().monitor
+    if watcher is None:
+        return JSONResponse({"enabled": False, "reason": "DRIFT=0" if not monitor.ENABLED else
+                             "this model carries no drift profile (trained before it was recorded)"})
+    report = watcher.report()
+    watcher.set_gauges(report)
+    return Response(orjson.dumps({"model": MODEL_TAG, **report}), media_type="application/json")
+
+
+@bentoml.asgi_app(Starlette(routes=[Route("/metadata", metadata_route, methods=["GET"]),
+                                    Route("/drift", drift_route, methods=["GET"])]), path="/")
 @bentoml.service(
     name="normserve", workers=WORKERS, labels={"pipeline": PIPELINE_LABEL},
     traffic={"timeout": 30},
@@ -164,6 +177,8 @@ class Predictor:
             "classes", "normalization", "target_normalization", "metrics", "versions",
             "created_at", "schema_version")}
         self.metadata["max_rows"] = MAX_ROWS
+        self.monitor = (monitor.Monitor(meta) if monitor.ENABLED and meta.get("drift")
+                        else None)
         if self.image:
             self.shape = (self.image["channels"], self.image["height"], self.image["width"])
             example = {self.input: np.zeros((1, *self.shape), np.uint8)}
@@ -182,6 +197,8 @@ class Predictor:
             rows = np.flatnonzero(~finite)
             raise BadRequest(f"row {rows[0]}: the model's output overflows for these values (far "
                              f"outside the training data?); {len(rows)} row(s) affected")
+        if self.monitor is not None:  # only answered inputs are counted
+            self.monitor.observe(feeds)
         if self.task == "classification":
             probabilities, labels = out
             body = {"predictions": [self.classes[i] for i in labels.tolist()],

@@ -21,7 +21,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from training import engine, stream
+from training import drift, engine, stream
 from training.config import RUN_DEFINING, Config, ConfigError, load_config
 from training.data import DataError, Split, Table, load_table, split_table
 from training.distributed import World
@@ -298,7 +298,11 @@ def model_metadata(cfg: Config, t: Trained, metrics: dict) -> dict:
                            **({"pixel_scale": "1/255, then (x - mean) / std"} if image else {})}),
         "target_normalization": (None if table.task == "classification"
                                  else {"mean": t.y_mean, "scale": t.y_scale}),
-        "metrics": metrics, "versions": library_versions(),
+        "metrics": metrics,
+        # What the service compares live inputs with (training/drift.py): the raw training split,
+        # or, streamed, its uniform sample.
+        "drift": drift.profile(t.split.X_train, table.modality, table.feature_names, table.columns),
+        "versions": library_versions(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

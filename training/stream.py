@@ -173,8 +173,8 @@ class Sample:
         self.size, self.seed, self.parts = size, seed, []
 
     def add(self, positions: np.ndarray, X: np.ndarray, y: np.ndarray) -> None:
-        if len(positions):
-            self.parts.append((row_hash(positions, self.seed, salt=1), X, y))
+        if len(positions):  # float32: what the network computes in
+            self.parts.append((row_hash(positions, self.seed, salt=1), X.astype(np.float32), y))
         if sum(len(p[0]) for p in self.parts) > 2 * self.size:
             self._trim()
 
