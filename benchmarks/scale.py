@@ -1,6 +1,6 @@
 """Tables larger than memory: peak memory and throughput of `--stream` as the file grows.
 
-    python -m benchmarks.scale                       # 1x, 4x, 16x of ~134 MB (the largest ~2.1 GB)
+    python -m benchmarks.scale                       # 1x, 4x, 16x of ~130 MiB (the largest ~2.03 GiB)
     python -m benchmarks.scale --base-rows 20000     # quicker
 
 Writes CSV files of 1, 4 and 16 times a base number of rows (32 float features and a class label,
@@ -71,10 +71,13 @@ def train(path: Path, models: Path, extra: list[str], ranks: int = 1) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-rows", type=int, default=212_000)
+    parser.add_argument("--base-rows", type=int, default=216_000)
     parser.add_argument("--sizes", default="1,4,16")
     parser.add_argument("--in-memory", type=int, default=4, help="in-memory contrast up to this size")
     parser.add_argument("--dir", help="where to write the files (default: a temporary folder)")
+    parser.add_argument("--stream-args", default="", help="more options for the --stream runs, "
+                        "e.g. \"--shuffle-rows 20000 --eval-rows 1000\"")
+    parser.add_argument("--out", default="scale.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -86,9 +89,10 @@ def main() -> None:
             write_table(path, args.base_rows * k, seed=k)
             size_mb = path.stat().st_size / 2**20
             print(f"wrote {path.name}: {size_mb:.0f} MB in {time.perf_counter() - t:.0f} s", flush=True)
-            runs = [("stream", ["--stream"], 1)]
+            streamed = ["--stream", *args.stream_args.split()]
+            runs = [("stream", streamed, 1)]
             runs += [("in memory", [], 1)] if k <= args.in_memory else []
-            runs += [("stream, 2 ranks", ["--stream"], 2)] if k == 1 else []
+            runs += [("stream, 2 ranks", streamed, 2)] if k == 1 else []
             for mode, extra, ranks in runs:
                 result = train(path, work / "models", extra, ranks)
                 rows.append({"size": f"{k}x", "file_mb": round(size_mb), "mode": mode, **result})
@@ -107,8 +111,9 @@ def main() -> None:
               f"{r['train_rows_per_s']:>13} {r['wall_s']:>7} {r['test_accuracy']:>9}")
     RESULTS.mkdir(exist_ok=True)
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    (RESULTS / "scale.json").write_text(json.dumps({"machine": machine, "runs": rows}, indent=2) + "\n")
-    print(f"\nwrote {RESULTS / 'scale.json'}")
+    (RESULTS / args.out).write_text(json.dumps({"machine": machine, "stream_args": args.stream_args,
+                                                "runs": rows}, indent=2) + "\n")
+    print(f"\nwrote {RESULTS / args.out}")
 
 
 if __name__ == "__main__":

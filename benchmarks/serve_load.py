@@ -1,5 +1,6 @@
 """Serving throughput and latency: the BentoML service vs. a bare Starlette app vs. in-process
-onnxruntime, on the same ONNX file, with the same load generator.
+onnxruntime, on the same ONNX file, with the same load generator; and the service with its drift
+monitor switched off (DRIFT=0), for the monitor's cost.
 
     python -m benchmarks.serve_load                         # newest model (or MODEL_TAG), numeric
     python -m benchmarks.serve_load --seconds 2 --soak 5000 # quicker
@@ -46,8 +47,9 @@ def pinned(cmd: list[str]) -> list[str]:
 def start(kind: str, model_path: str, env: dict) -> tuple[subprocess.Popen, str, float]:
     """Start a server; returns the process, its URL and the seconds until /readyz answered 200."""
     port = free_port()
-    if kind == "bentoml":
+    if kind.startswith("bentoml"):
         cmd = ["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        env = {**env, "DRIFT": "0" if kind == "bentoml-nodrift" else "1"}
     else:
         cmd = [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log"]
@@ -135,7 +137,8 @@ def rows_for(meta: dict, n: int, seed: int = 0) -> list[list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", default="bentoml,bare")
+    parser.add_argument("--servers", default="bentoml,bentoml-nodrift,bare",
+                        help="bentoml (drift monitor on), bentoml-nodrift (DRIFT=0), bare")
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each case")
     parser.add_argument("--soak", type=int, default=50_000, help="requests between memory readings")
     parser.add_argument("--big-rows", type=int, default=1000, help="rows per large request")
@@ -217,6 +220,13 @@ def main() -> None:
         b, r = (report["servers"][k]["cases"] for k in ("bentoml", "bare"))
         for i, (rows, c) in enumerate(cases):
             print(f"bentoml / bare at {rows} row(s) x {c}: {b[i]['requests_per_s'] / r[i]['requests_per_s']:.2f}")
+    if {"bentoml", "bentoml-nodrift"} <= set(report["servers"]):
+        on, off = (report["servers"][k]["cases"] for k in ("bentoml", "bentoml-nodrift"))
+        report["drift_monitor_cost"] = {}
+        for i, (rows, c) in enumerate(cases):
+            cost = 1 - on[i]["requests_per_s"] / off[i]["requests_per_s"]
+            report["drift_monitor_cost"][f"{rows}x{c}"] = round(cost, 4)
+            print(f"drift monitor cost at {rows} row(s) x {c}: {cost:+.1%} of throughput")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {RESULTS / 'serve_load.json'}")

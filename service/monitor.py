@@ -72,7 +72,9 @@ class Monitor:
         self.counts = np.memmap(self.dir / f"{key}-{os.getpid()}.f64", np.float64, "w+",
                                 shape=(1 + BUCKETS, self.layout.size + 1))
         self.bucket, self.bucket_rows = 0, 0
-        self.bucket_size = max(1, math.ceil(WINDOW / BUCKETS))  # one worker alone fills the window
+        # The ring's full buckets (all but the one being filled) hold a window on their own, so
+        # one worker alone can fill it.
+        self.bucket_size = max(1, math.ceil(WINDOW / (BUCKETS - 1)))
         self.pending, self.pending_rows, self.arrivals, self.timer = [], 0, [], None
         self.gauges = gauges()
 

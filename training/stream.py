@@ -175,7 +175,7 @@ class Sample:
     def add(self, positions: np.ndarray, X: np.ndarray, y: np.ndarray) -> None:
         if len(positions):  # float32: what the network computes in
             self.parts.append((row_hash(positions, self.seed, salt=1), X.astype(np.float32), y))
-        if sum(len(p[0]) for p in self.parts) > 2 * self.size:
+        if sum(len(p[0]) for p in self.parts) > self.size:  # at most size + one chunk held
             self._trim()
 
     def _trim(self) -> None:
