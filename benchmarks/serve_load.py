@@ -1,6 +1,6 @@
 """Serving throughput and latency: the BentoML service vs. a bare Starlette app vs. in-process
 onnxruntime, on the same ONNX file, with the same load generator; and the service with its drift
-monitor switched off (DRIFT=0), for the monitor's cost.
+monitor switched off (DRIFT=0), loaded in turn, for the monitor's cost.
 
     python -m benchmarks.serve_load                         # newest model (or MODEL_TAG), numeric
     python -m benchmarks.serve_load --seconds 2 --soak 5000 # quicker
@@ -40,6 +40,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def own_home() -> str:
+    """A BENTOML_HOME sharing the model store: `bentoml serve` empties its home's Prometheus folder
+    when it starts, which would break a server already running on the same home."""
+    import tempfile
+    store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "models"
+    home = tempfile.mkdtemp(prefix="bentoml-bench-")
+    os.symlink(store, Path(home) / "models")
+    return home
+
+
 def pinned(cmd: list[str]) -> list[str]:
     return ["taskset", "-c", str(SERVER_CORE), *cmd] if shutil.which("taskset") else cmd
 
@@ -49,7 +59,7 @@ def start(kind: str, model_path: str, env: dict) -> tuple[subprocess.Popen, str,
     port = free_port()
     if kind.startswith("bentoml"):
         cmd = ["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        env = {**env, "DRIFT": "0" if kind == "bentoml-nodrift" else "1"}
+        env = {**env, "DRIFT": "0" if kind == "bentoml-nodrift" else "1", "BENTOML_HOME": own_home()}
     else:
         cmd = [sys.executable, "-m", "uvicorn", "benchmarks.bare_app:app", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log"]
@@ -135,10 +145,46 @@ def rows_for(meta: dict, n: int, seed: int = 0) -> list[list[float]]:
     return (mean + scale * rng.standard_normal((n, len(mean)))).round(4).tolist()
 
 
+def monitor_cost(model_path: str, env: dict, meta: dict, args) -> dict:
+    """The drift monitor's cost: the service with it on and off (DRIFT=0), both started, loaded in
+    turn, case by case, for --monitor-rounds rounds; the median of each."""
+    servers = {kind: start(kind, model_path, env)[:2] for kind in ("bentoml", "bentoml-nodrift")}
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(rows_for(meta, args.big_rows), dtype=np.float32))
+    cases = {"1 row x 32 clients": (json.dumps({"instances": rows_for(meta, 1)}).encode(), 32, "application/json"),
+             f"{args.big_rows} rows x 1, JSON": (json.dumps({"instances": rows_for(meta, args.big_rows)}).encode(), 1,
+                                                  "application/json"),
+             f"{args.big_rows} rows x 1, .npy": (buf.getvalue(), 1, "application/x-npy")}
+    rates = {(case, kind): [] for case in cases for kind in servers}
+    try:
+        for _, url in servers.values():
+            asyncio.run(load(url, cases["1 row x 32 clients"][0], 8, requests=2000))  # warm-up
+        for round_ in range(args.monitor_rounds):
+            for case, (body, clients, content_type) in cases.items():
+                order = list(servers.items())[::1 if round_ % 2 else -1]  # alternate who goes first
+                for kind, (_, url) in order:
+                    r = asyncio.run(load(url, body, clients, seconds=args.seconds,
+                                         content_type=content_type))
+                    rates[case, kind].append(r["requests_per_s"])
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    result = {}
+    print(f"\ndrift monitor on vs. off (DRIFT=0), median of {args.monitor_rounds} alternating rounds:")
+    for case in cases:
+        on, off = (float(np.median(rates[case, k])) for k in servers)
+        result[case] = {"on_req_s": on, "off_req_s": off, "cost": round(1 - on / off, 4)}
+        print(f"  {case:<24} on {on:>8.1f} req/s, off {off:>8.1f} req/s: cost {1 - on / off:+.1%}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", default="bentoml,bentoml-nodrift,bare",
+    parser.add_argument("--servers", default="bentoml,bare",
                         help="bentoml (drift monitor on), bentoml-nodrift (DRIFT=0), bare")
+    parser.add_argument("--monitor-rounds", type=int, default=5,
+                        help="rounds of the drift monitor on/off comparison (0: skip it)")
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each case")
     parser.add_argument("--soak", type=int, default=50_000, help="requests between memory readings")
     parser.add_argument("--big-rows", type=int, default=1000, help="rows per large request")
@@ -220,13 +266,8 @@ def main() -> None:
         b, r = (report["servers"][k]["cases"] for k in ("bentoml", "bare"))
         for i, (rows, c) in enumerate(cases):
             print(f"bentoml / bare at {rows} row(s) x {c}: {b[i]['requests_per_s'] / r[i]['requests_per_s']:.2f}")
-    if {"bentoml", "bentoml-nodrift"} <= set(report["servers"]):
-        on, off = (report["servers"][k]["cases"] for k in ("bentoml", "bentoml-nodrift"))
-        report["drift_monitor_cost"] = {}
-        for i, (rows, c) in enumerate(cases):
-            cost = 1 - on[i]["requests_per_s"] / off[i]["requests_per_s"]
-            report["drift_monitor_cost"][f"{rows}x{c}"] = round(cost, 4)
-            print(f"drift monitor cost at {rows} row(s) x {c}: {cost:+.1%} of throughput")
+    if args.monitor_rounds:
+        report["drift_monitor"] = monitor_cost(model_path, env, meta, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {RESULTS / 'serve_load.json'}")

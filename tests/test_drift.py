@@ -16,7 +16,7 @@ from training.fit import run
 
 FEATURES = ["income", "ratio", "age", "score"]
 WINDOW = 600
-ENV = {"WORKERS": "2", "DRIFT_WINDOW": str(WINDOW), "DRIFT_MIN_ROWS": "200"}
+ENV = {"WORKERS": "2", "DRIFT_WINDOW": str(WINDOW), "DRIFT_MIN_ROWS": "200", "MAX_ROWS": "1000"}
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,10 @@ def server(model):
     proc.wait(timeout=30)
 
 
-def send(url: str, rows: list) -> None:
-    for i in range(0, len(rows), 100):
-        status, body = request(url + "/predict", {"instances": rows[i:i + 100]})
+def send(url: str, rows: list, per_request: int = 50) -> None:
+    """Requests of 50 rows are counted row by row; of larger ones, a sample is counted."""
+    for i in range(0, len(rows), per_request):
+        status, body = request(url + "/predict", {"instances": rows[i:i + per_request]})
         assert status == 200, body
 
 
@@ -71,6 +72,10 @@ def test_profile_travels_in_the_model_and_uses_the_service_bins(model):
     for f, start in zip(profile["features"], layout.offsets):
         np.testing.assert_allclose(counts[start + 4:start + 4 + len(f["freqs"])] / len(X), f["freqs"],
                                    atol=2 / len(X))  # float32 rounding may move a row at an edge
+    # A sampled row standing for k rows counts as k copies of itself.
+    rows, k = X[:40].astype(np.float32), np.arange(1, 41) % 5 + 1
+    np.testing.assert_allclose(layout.count(rows, weights=k.astype(float)),
+                               layout.count(np.repeat(rows, k, axis=0)))
 
 
 def test_in_distribution_rows_are_ok_and_rejected_rows_are_not_counted(server):
@@ -85,8 +90,23 @@ def test_in_distribution_rows_are_ok_and_rejected_rows_are_not_counted(server):
     body = report(server, 1200)
     assert body["verdict"] == body["since_start"]["verdict"] == "ok"
     assert set(verdicts(body["recent"]).values()) == set(verdicts(body["since_start"]).values()) == {"ok"}
-    assert WINDOW <= body["recent"]["rows"] < WINDOW + 100  # the window holds the newest rows
+    # The newest rows: whole buckets (600 / 9 rows) of whole requests (50 rows).
+    assert WINDOW <= body["recent"]["rows"] < WINDOW + 67 + 50
     assert all(f["psi"] < 0.1 and abs(f["mean_shift"]) < 0.25 for f in body["recent"]["features"])
+
+
+def test_bulk_requests_are_sampled_yet_every_row_is_accounted_for(server, model):
+    """Rows past 64 in a request are counted 1 in 16, each standing for 16: the since-start
+    statistics still cover every row, in or out of distribution."""
+    send(server, make_frame(n=8000, seed=14)[FEATURES].to_numpy().tolist(), per_request=1000)
+    body = report(server, 8000)
+    assert body["since_start"]["verdict"] == "ok"
+    shifted = make_frame(n=8000, seed=15)
+    shifted["income"] += 2 * model.card["drift"]["features"][0]["std"]
+    send(server, shifted[FEATURES].to_numpy().tolist(), per_request=1000)
+    since = report(server, 16000)["since_start"]
+    assert verdicts(since) == {"income": "retrain", "ratio": "ok", "age": "ok", "score": "ok"}
+    assert 0.8 < since["features"][0]["mean_shift"] < 1.2  # half the rows moved by 2 sd
 
 
 def test_a_shifted_feature_is_flagged_alone_and_the_window_forgets_it(server, model, tmp_path):

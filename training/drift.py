@@ -90,37 +90,50 @@ class Layout:
         numeric = [i for i, f in enumerate(self.features) if f["kind"] == "numeric"]
         self.numeric = np.array(numeric, dtype=int)
         widest = max([len(self.features[i]["edges"]) for i in numeric], default=0)
-        # Every numeric feature's edges, padded with +inf: one comparison bins them all at once.
-        self.edges = np.full((len(numeric), widest), np.inf)
-        for row, i in enumerate(numeric):
-            self.edges[row, :len(self.features[i]["edges"])] = self.features[i]["edges"]
-        self.base = np.array([self.offsets[i] for i in numeric], dtype=np.int64)
+        # Edge j of every numeric feature in row j (padded with +inf), float32 like the inputs:
+        # one comparison per edge bins every value of a batch.
+        self.edges = np.full((widest, len(numeric)), np.inf, dtype=np.float32)
+        for col, i in enumerate(numeric):
+            self.edges[:len(self.features[i]["edges"]), col] = self.features[i]["edges"]
+        self.base = np.array([self.offsets[i] for i in numeric], dtype=np.intp)
+        self.moments = np.concatenate([self.base, self.base + 1, self.base + 2, self.base + 3])
+        self.first_bin = self.base + 4
         self.lookup = {i: {c: k for k, c in enumerate(f["categories"])}
                        for i, f in enumerate(self.features) if f["kind"] == "categorical"}
 
-    def count(self, numeric: np.ndarray | None, categorical: dict[int, list] | None = None) -> np.ndarray:
-        """The counts of a batch of rows: `numeric` [rows, numeric features] (NaN = missing), and
-        for each categorical feature (by index) its values as text."""
+    def count(self, numeric: np.ndarray | None, categorical: dict[int, list] | None = None,
+              weights: np.ndarray | None = None) -> np.ndarray:
+        """The counts of a batch of rows: `numeric` [rows, numeric features] (NaN = missing), for
+        each categorical feature (by index) its values as text, and optionally how many rows each
+        row stands for (a sampled row of a large request stands for several)."""
         counts = np.zeros(self.size)
         rows = len(numeric) if numeric is not None else len(next(iter(categorical.values())))
-        counts[0] = rows
+        counts[0] = rows if weights is None else weights.sum()
+        def add(a):  # per feature, over the rows (weighted)
+            return a.sum(axis=0, dtype=np.float64) if weights is None else weights @ a
         if numeric is not None and numeric.size:
-            X = numeric.astype(np.float64, copy=False)
-            missing = np.isnan(X)
-            bins = (X[:, :, None] > self.edges[None]).sum(axis=2)  # = bin_index, per feature
-            flat = (self.base[None, :] + 4 + bins)[~missing]
-            counts += np.bincount(flat, minlength=self.size)
-            n_missing = missing.sum(axis=0)
-            counts[self.base] += rows - n_missing
-            counts[self.base + 1] += np.nansum(X, axis=0)
-            counts[self.base + 2] += np.nansum(X * X, axis=0)
-            counts[self.base + 3] += n_missing
+            X = np.asarray(numeric, dtype=np.float32)
+            bins, above = np.zeros(X.shape, np.int8), np.empty(X.shape, bool)
+            for edge in self.edges:  # bins = how many edges lie below each value (= bin_index)
+                np.greater(X, edge, out=above)
+                bins += above
+            counts += np.bincount((bins + self.first_bin).ravel(), minlength=self.size,
+                                  weights=None if weights is None
+                                  else np.broadcast_to(weights[:, None], X.shape).ravel())
+            squares, total, missing = np.square(X, dtype=np.float64), add(X), np.zeros(len(self.base))
+            if np.isnan(total).any():  # mixed tables: a missing value (NaN), binned as 0 above
+                gaps = np.isnan(X)
+                missing = add(gaps.astype(np.float64))
+                counts[self.first_bin] -= missing
+                total, squares = add(np.where(gaps, 0, X)), np.where(gaps, 0, squares)
+            # Per feature: values seen, their sum and sum of squares, and missing values.
+            counts[self.moments] += np.concatenate([counts[0] - missing, total, add(squares), missing])
         for i, values in (categorical or {}).items():
             start, known = self.offsets[i], self.lookup[i]
             other = len(known)
             idx = np.fromiter((known.get(v, other) for v in values), dtype=np.int64, count=len(values))
-            counts[start] += len(values)
-            counts[start + 1:start + 2 + other] += np.bincount(idx, minlength=other + 1)
+            counts[start] += counts[0]
+            counts[start + 1:start + 2 + other] += np.bincount(idx, weights, minlength=other + 1)
         return counts
 
 
