@@ -45,7 +45,8 @@ def write_table(path: Path, rows: int, seed: int, block: int = 100_000) -> None:
 
 
 def train(path: Path, models: Path, extra: list[str], ranks: int = 1) -> dict:
-    """One epoch in a child process; its peak memory from the kernel (summed over ranks)."""
+    """One epoch in a child process; its peak memory from the kernel (ru_maxrss: the largest
+    process of the run; under torchrun, the largest rank)."""
     fit = ["-m", "training.fit", "--data", str(path), "--target", "y", "--epochs", "1",
            "--batch-size", "1024", "--no-store", "--no-progress", "--models-dir", str(models), *extra]
     command = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -64,7 +65,6 @@ def train(path: Path, models: Path, extra: list[str], ranks: int = 1) -> dict:
             "train_s": card["training"]["seconds"],
             "train_rows_per_s": round(card["rows"]["train"] / card["training"]["seconds"]),
             "rows_per_s_overall": round(rows / wall),
-            # ru_maxrss of the children: the largest one (torchrun's ranks are its children too)
             "peak_rss_mb": round(usage.ru_maxrss / 1024),
             "test_accuracy": round(card["metrics"]["test"]["accuracy"], 4)}
 

@@ -146,14 +146,17 @@ def rows_for(meta: dict, n: int, seed: int = 0) -> list[list[float]]:
 
 
 def monitor_cost(model_path: str, env: dict, meta: dict, args) -> dict:
-    """The drift monitor's cost: the service with it on and off (DRIFT=0), both started, loaded in
-    turn, case by case, for --monitor-rounds rounds; the median of each."""
+    """The drift monitor's cost: the service with it on and off (DRIFT=0), both running, loaded in
+    turn (who goes first alternates), --monitor-rounds rounds of --seconds / 2 per case. This VM's
+    speed wanders by ~10% between runs seconds apart, so the cost is the median of the rounds'
+    paired ratios."""
     servers = {kind: start(kind, model_path, env)[:2] for kind in ("bentoml", "bentoml-nodrift")}
     buf = io.BytesIO()
     np.save(buf, np.asarray(rows_for(meta, args.big_rows), dtype=np.float32))
-    cases = {"1 row x 32 clients": (json.dumps({"instances": rows_for(meta, 1)}).encode(), 32, "application/json"),
-             f"{args.big_rows} rows x 1, JSON": (json.dumps({"instances": rows_for(meta, args.big_rows)}).encode(), 1,
-                                                  "application/json"),
+    cases = {"1 row x 32 clients": (json.dumps({"instances": rows_for(meta, 1)}).encode(), 32,
+                                    "application/json"),
+             f"{args.big_rows} rows x 1, JSON": (
+                 json.dumps({"instances": rows_for(meta, args.big_rows)}).encode(), 1, "application/json"),
              f"{args.big_rows} rows x 1, .npy": (buf.getvalue(), 1, "application/x-npy")}
     rates = {(case, kind): [] for case in cases for kind in servers}
     try:
@@ -161,9 +164,9 @@ def monitor_cost(model_path: str, env: dict, meta: dict, args) -> dict:
             asyncio.run(load(url, cases["1 row x 32 clients"][0], 8, requests=2000))  # warm-up
         for round_ in range(args.monitor_rounds):
             for case, (body, clients, content_type) in cases.items():
-                order = list(servers.items())[::1 if round_ % 2 else -1]  # alternate who goes first
+                order = list(servers.items())[::1 if round_ % 2 else -1]
                 for kind, (_, url) in order:
-                    r = asyncio.run(load(url, body, clients, seconds=args.seconds,
+                    r = asyncio.run(load(url, body, clients, seconds=args.seconds / 2,
                                          content_type=content_type))
                     rates[case, kind].append(r["requests_per_s"])
     finally:
@@ -171,19 +174,21 @@ def monitor_cost(model_path: str, env: dict, meta: dict, args) -> dict:
             proc.terminate()
             proc.wait(timeout=30)
     result = {}
-    print(f"\ndrift monitor on vs. off (DRIFT=0), median of {args.monitor_rounds} alternating rounds:")
+    print(f"\ndrift monitor on vs. off (DRIFT=0), {args.monitor_rounds} alternating rounds:")
     for case in cases:
-        on, off = (float(np.median(rates[case, k])) for k in servers)
-        result[case] = {"on_req_s": on, "off_req_s": off, "cost": round(1 - on / off, 4)}
-        print(f"  {case:<24} on {on:>8.1f} req/s, off {off:>8.1f} req/s: cost {1 - on / off:+.1%}")
+        on, off = (np.array(rates[case, k]) for k in servers)
+        cost = float(np.median(1 - on / off))
+        result[case] = {"on_req_s": on.tolist(), "off_req_s": off.tolist(), "median_cost": round(cost, 4)}
+        print(f"  {case:<24} on {np.median(on):>8.1f} req/s, off {np.median(off):>8.1f} req/s (medians); "
+              f"median paired cost {cost:+.1%}")
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default="bentoml,bare",
-                        help="bentoml (drift monitor on), bentoml-nodrift (DRIFT=0), bare")
-    parser.add_argument("--monitor-rounds", type=int, default=5,
+                        help="bentoml (drift monitor on), bentoml-nodrift (DRIFT=0), bare; '' for none")
+    parser.add_argument("--monitor-rounds", type=int, default=12,
                         help="rounds of the drift monitor on/off comparison (0: skip it)")
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each case")
     parser.add_argument("--soak", type=int, default=50_000, help="requests between memory readings")
@@ -201,7 +206,10 @@ def main() -> None:
     cases = [(1, 1), (1, 8), (1, 32), (args.big_rows, 1), (args.big_rows, 8)]
     report: dict = {"model": tag, "cores": os.cpu_count(), "seconds_per_case": args.seconds,
                     "soak_requests": args.soak, "servers": {}}
-    for kind in args.servers.split(","):
+    import onnxruntime as ort
+    from training.contract import decode_metadata
+    meta = decode_metadata(ort.InferenceSession(model_path).get_modelmeta().custom_metadata_map)
+    for kind in [k for k in args.servers.split(",") if k]:
         proc, url, startup = start(kind, model_path, env)
         try:
             with urllib.request.urlopen(url + "/metadata") as r:

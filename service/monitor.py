@@ -5,8 +5,9 @@ Constant memory: each worker keeps its counts in a small shared-memory file: sin
 ring of buckets of recent rows, each stamped with the time of its last row. Any worker reads every
 worker's file to answer GET /drift and to set the Prometheus gauges: since start is the sum of
 all, the recent window the newest buckets of all workers that together hold DRIFT_WINDOW rows.
-Scoring a request only queues its inputs; they are counted in batches (every FLUSH_ROWS rows or
-FLUSH_SECONDS), which keeps the monitor's cost per request small. Only inputs that were answered
+Scoring a request only copies its inputs into fixed staging arrays (of a large request, a sample
+of rows); they are counted in batches (every FLUSH_ROWS rows or FLUSH_SECONDS), which keeps the
+monitor's cost per request small. Only inputs that were answered
 200 are counted: rejected requests never get here.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ GAUGE_SECONDS = 5.0  # Prometheus scrapes every 15 s or so; GET /drift always br
 # Of a request with more rows than this, every SAMPLE_STRIDE-th row is counted, standing for the
 # rows around it: counting every row of bulk requests would cost ~20-40% of their throughput.
 SAMPLE_ABOVE = int(os.environ.get("DRIFT_SAMPLE_ABOVE", "64"))
-SAMPLE_STRIDE = 16
+SAMPLE_STRIDE = 32
 WINDOWS = ("recent", "since_start")
 
 
@@ -81,20 +82,46 @@ class Monitor:
         # The ring's full buckets (all but the one being filled) hold a window on their own, so
         # one worker alone can fill it.
         self.bucket_size = max(1, math.ceil(WINDOW / (BUCKETS - 1)))
-        self.pending, self.pending_rows = [], 0  # (inputs, rows counted, rows answered, arrival)
+        # Staging: the rows waiting to be counted, copied into fixed arrays (holding on to each
+        # request's objects instead makes Python's garbage collector work much harder).
+        n = len(self.layout.base)
+        self.numbers = np.empty((FLUSH_ROWS, n), np.float32) if n else None
+        self.texts = {i: [""] * FLUSH_ROWS for i in self.layout.lookup}
+        self.weights, self.arrivals = np.ones(FLUSH_ROWS), np.zeros(FLUSH_ROWS)
+        self.staged = 0
         self.timer = self.gauge_timer = None  # the next count, the next gauge update
         self.gauges, self.gauges_at = gauges(), -GAUGE_SECONDS
 
+    def _features(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, dict[int, list]]:
+        """A request's inputs as the layout counts them: numbers [rows, numeric features] and
+        each categorical feature's values."""
+        if self.modality == "image":
+            return image_features(feeds[self.input]), {}
+        if self.modality == "table":
+            return feeds[self.input], {}
+        numeric = [feeds[c["name"]][:, 0] for c in self.columns if c["type"] == "numeric"]
+        return (np.stack(numeric, axis=1) if numeric else None,
+                {i: feeds[c["name"]][:, 0].tolist() for i, c in enumerate(self.columns)
+                 if c["type"] == "categorical"})
+
     def observe(self, feeds: dict[str, np.ndarray]) -> None:
-        """Queue the checked inputs of an answered request; they are counted within FLUSH_SECONDS."""
-        rows = len(next(iter(feeds.values())))
-        if rows > SAMPLE_ABOVE:
-            feeds = {name: values[::SAMPLE_STRIDE] for name, values in feeds.items()}
-        counted = len(next(iter(feeds.values())))
-        self.pending.append((feeds, counted, rows, time.time()))
-        self.pending_rows += counted
-        if self.pending_rows >= FLUSH_ROWS:
-            self.flush()
+        """Stage the checked inputs of an answered request; they are counted within FLUSH_SECONDS."""
+        numeric, texts = self._features(feeds)
+        rows = len(numeric) if numeric is not None else len(next(iter(texts.values())))
+        step = SAMPLE_STRIDE if rows > SAMPLE_ABOVE else 1
+        weight, now = rows / len(range(0, rows, step)), time.time()
+        for first in range(0, rows, step * FLUSH_ROWS):  # a huge request, in pieces
+            part = slice(first, first + step * FLUSH_ROWS, step)
+            k = len(range(*part.indices(rows)))
+            if self.staged + k > FLUSH_ROWS:
+                self.flush()
+            at = slice(self.staged, self.staged + k)
+            if numeric is not None:
+                self.numbers[at] = numeric[part]
+            for i, values in texts.items():
+                self.texts[i][at] = values[part]
+            self.weights[at], self.arrivals[at] = weight, now
+            self.staged += k
         if self.timer is None:
             try:
                 self.timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.tick)
@@ -102,7 +129,7 @@ class Monitor:
                 self.flush()
 
     def tick(self) -> None:
-        """Count what is queued; bring the gauges up to date within GAUGE_SECONDS."""
+        """Count what is staged; bring the gauges up to date within GAUGE_SECONDS."""
         self.timer = None
         self.flush()
         if self.gauge_timer is None:
@@ -113,42 +140,30 @@ class Monitor:
         self.gauge_timer = None
         self.set_gauges(self.report())
 
-    def _features(self, pending: list[dict]) -> tuple[np.ndarray | None, dict[int, list]]:
-        """The queued inputs as the layout counts them: numbers [rows, numeric features] and
-        each categorical feature's values."""
-        if self.modality == "image":
-            return image_features(np.concatenate([f[self.input] for f in pending])), {}
-        if self.modality == "table":
-            return np.concatenate([f[self.input] for f in pending]), {}
-        columns = {c["name"]: np.concatenate([f[c["name"]][:, 0] for f in pending])
-                   for c in self.columns}
-        numeric = [columns[c["name"]] for c in self.columns if c["type"] == "numeric"]
-        return (np.stack(numeric, axis=1) if numeric else None,
-                {i: columns[c["name"]].tolist() for i, c in enumerate(self.columns)
-                 if c["type"] == "categorical"})
-
     def flush(self) -> None:
-        """Count what is queued: the requests that fill the current bucket in one go, then the
-        next bucket's, so the window moves by about a bucket (DRIFT_WINDOW / 9 rows) at a time."""
-        pending, self.pending, self.pending_rows = self.pending, [], 0
-        start = 0
-        while start < len(pending):
-            stop, rows, room = start, 0, self.bucket_size - self.bucket_rows
-            while stop < len(pending) and rows < room:
-                rows += pending[stop][2]
-                stop += 1
-            group = pending[start:stop]
-            numeric, categorical = self._features([feeds for feeds, *_ in group])
-            sampled = any(counted != rows for _, counted, rows, _ in group)
-            weights = (np.repeat([rows / counted for _, counted, rows, _ in group],
-                                 [counted for _, counted, _, _ in group]) if sampled else None)
-            delta = self.layout.count(numeric, categorical, weights)
+        """Count what is staged: the rows that fill the current bucket in one go, then the next
+        bucket's, so the window moves by about a bucket (DRIFT_WINDOW / 9 rows) at a time. A
+        sampled row of a large request stands for the rows around it (its weight)."""
+        rows, self.staged = self.staged, 0
+        if not rows:
+            return
+        weights = self.weights[:rows]
+        answered = np.cumsum(weights)  # rows answered, up to each staged row
+        starts, start, filled = [], 0, self.bucket_rows
+        while start < rows:  # where each bucket's rows begin
+            starts.append(start)
+            before = answered[start - 1] if start else 0.0
+            start = min(rows, int(np.searchsorted(answered, before + self.bucket_size - filled)) + 1)
+            filled = 0
+        deltas = self.layout.count_groups(None if self.numbers is None else self.numbers[:rows],
+                                          {i: values[:rows] for i, values in self.texts.items()},
+                                          weights, starts)
+        for delta, stop in zip(deltas, starts[1:] + [rows]):
             self.counts[0, :-1] += delta
             self.counts[1 + self.bucket, :-1] += delta
             # Stamped with the arrival of its newest row: the window is ordered across workers.
-            self.counts[1 + self.bucket, -1] = group[-1][3]
-            self.bucket_rows += rows
-            start = stop
+            self.counts[1 + self.bucket, -1] = self.arrivals[stop - 1]
+            self.bucket_rows += delta[0]
             if self.bucket_rows >= self.bucket_size:  # the oldest bucket leaves the window
                 self.bucket, self.bucket_rows = (self.bucket + 1) % BUCKETS, 0
                 self.counts[1 + self.bucket] = 0

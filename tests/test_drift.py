@@ -96,7 +96,7 @@ def test_in_distribution_rows_are_ok_and_rejected_rows_are_not_counted(server):
 
 
 def test_bulk_requests_are_sampled_yet_every_row_is_accounted_for(server, model):
-    """Rows past 64 in a request are counted 1 in 16, each standing for 16: the since-start
+    """Rows of a request over 64 are counted 1 in 32, each standing for 32: the since-start
     statistics still cover every row, in or out of distribution."""
     send(server, make_frame(n=8000, seed=14)[FEATURES].to_numpy().tolist(), per_request=1000)
     body = report(server, 8000)

@@ -106,35 +106,46 @@ class Layout:
         """The counts of a batch of rows: `numeric` [rows, numeric features] (NaN = missing), for
         each categorical feature (by index) its values as text, and optionally how many rows each
         row stands for (a sampled row of a large request stands for several)."""
-        counts = np.zeros(self.size)
+        return self.count_groups(numeric, categorical, weights)[0]
+
+    def count_groups(self, numeric, categorical=None, weights=None, starts=(0,)) -> np.ndarray:
+        """count() for consecutive groups of rows at once (group g starts at row starts[g]):
+        [groups, size]. One pass, whatever the number of groups."""
         rows = len(numeric) if numeric is not None else len(next(iter(categorical.values())))
-        counts[0] = rows if weights is None else weights.sum()
-        def add(a):  # per feature, over the rows (weighted)
-            return a.sum(axis=0, dtype=np.float64) if weights is None else weights @ a
+        w = np.ones(rows) if weights is None else np.asarray(weights, dtype=np.float64)
+        starts = np.asarray(starts, dtype=np.intp)
+        group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, rows)))
+        out = np.zeros((len(starts), self.size))
+        out[:, 0] = np.add.reduceat(w, starts)
         if numeric is not None and numeric.size:
             X = np.asarray(numeric, dtype=np.float32)
             bins, above = np.zeros(X.shape, np.int8), np.empty(X.shape, bool)
             for edge in self.edges:  # bins = how many edges lie below each value (= bin_index)
                 np.greater(X, edge, out=above)
                 bins += above
-            counts += np.bincount((bins + self.first_bin).ravel(), minlength=self.size,
-                                  weights=None if weights is None
-                                  else np.broadcast_to(weights[:, None], X.shape).ravel())
-            squares, total, missing = np.square(X, dtype=np.float64), add(X), np.zeros(len(self.base))
-            if np.isnan(total).any():  # mixed tables: a missing value (NaN), binned as 0 above
+            slots = bins + self.first_bin + (group * self.size)[:, None]
+            out += np.bincount(slots.ravel(), np.broadcast_to(w[:, None], X.shape).ravel(),
+                               minlength=out.size).reshape(out.shape)
+            wX = w[:, None] * X  # float64
+            missing = np.zeros((len(starts), X.shape[1]))
+            if np.isnan(wX).any():  # mixed tables: a missing value (NaN), binned as 0 above
                 gaps = np.isnan(X)
-                missing = add(gaps.astype(np.float64))
-                counts[self.first_bin] -= missing
-                total, squares = add(np.where(gaps, 0, X)), np.where(gaps, 0, squares)
+                missing = np.add.reduceat(w[:, None] * gaps, starts)
+                out[:, self.first_bin] -= missing
+                X, wX = np.where(gaps, 0, X), np.where(gaps, 0, wX)
             # Per feature: values seen, their sum and sum of squares, and missing values.
-            counts[self.moments] += np.concatenate([counts[0] - missing, total, add(squares), missing])
+            out[:, self.moments] += np.concatenate(
+                [out[:, :1] - missing, np.add.reduceat(wX, starts), np.add.reduceat(wX * X, starts),
+                 missing], axis=1)
         for i, values in (categorical or {}).items():
             start, known = self.offsets[i], self.lookup[i]
             other = len(known)
-            idx = np.fromiter((known.get(v, other) for v in values), dtype=np.int64, count=len(values))
-            counts[start] += counts[0]
-            counts[start + 1:start + 2 + other] += np.bincount(idx, weights, minlength=other + 1)
-        return counts
+            idx = np.fromiter((known.get(v, other) for v in values), dtype=np.intp, count=len(values))
+            width = other + 1
+            counted = np.bincount(group * width + idx, w, minlength=len(starts) * width)
+            out[:, start] += out[:, 0]
+            out[:, start + 1:start + 1 + width] += counted.reshape(len(starts), width)
+        return out
 
 
 def psi(expected: np.ndarray, observed: np.ndarray) -> float:
