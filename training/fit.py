@@ -387,6 +387,9 @@ def summary(result: Result) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+MAIN_RANK = os.environ.get("RANK", "0") == "0"  # torchrun sets RANK; one process is rank 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
@@ -394,10 +397,10 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always", UserWarning)
             result = run(cfg)
         for w in caught:
-            if w.filename.endswith("data.py"):  # our own notices; library chatter stays quiet
+            if w.filename.endswith("data.py") and MAIN_RANK:  # ours; library chatter stays quiet
                 print(f"note: {w.message}", file=sys.stderr)
     except (DataError, ConfigError, ExportError) as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same error
+        if MAIN_RANK:  # under torchrun every rank has the same error
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
