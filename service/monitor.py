@@ -7,8 +7,8 @@ worker's file to answer GET /drift and to set the Prometheus gauges: since start
 all, the recent window the newest buckets of all workers that together hold DRIFT_WINDOW rows.
 Scoring a request only copies its inputs into fixed staging arrays (of a large request, a sample
 of rows); they are counted in batches (every FLUSH_ROWS rows or FLUSH_SECONDS), which keeps the
-monitor's cost per request small. Only inputs that were answered
-200 are counted: rejected requests never get here.
+monitor's cost per request small. Only inputs that were answered 200 are counted: rejected
+requests never get here.
 """
 from __future__ import annotations
 
@@ -64,12 +64,12 @@ def verdict_code(verdict: str) -> int:
 
 
 class Monitor:
-    def __init__(self, meta: dict, directory: str | None = None):
+    def __init__(self, meta: dict):
         self.layout = Layout(meta["drift"])
         self.modality, self.input, self.columns = meta["modality"], meta["input"], meta.get("columns")
         key = hashlib.sha256(json.dumps([meta["model"], meta["drift"]]).encode()).hexdigest()[:12]
         # BentoML empties its Prometheus folder when `bentoml serve` starts: counts start at zero.
-        root = directory or os.environ.get("DRIFT_DIR") or os.path.join(
+        root = os.environ.get("DRIFT_DIR") or os.path.join(
             os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.gettempdir(), "normserve-drift")
         self.dir, self.pattern = Path(root), f"{key}-*.f64"
         self.dir.mkdir(parents=True, exist_ok=True)

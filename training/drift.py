@@ -88,7 +88,6 @@ class Layout:
             size += 4 + len(f["freqs"]) if f["kind"] == "numeric" else 2 + len(f["freqs"])
         self.size = size
         numeric = [i for i, f in enumerate(self.features) if f["kind"] == "numeric"]
-        self.numeric = np.array(numeric, dtype=int)
         widest = max([len(self.features[i]["edges"]) for i in numeric], default=0)
         # Edge j of every numeric feature in row j (padded with +inf), float32 like the inputs:
         # one comparison per edge bins every value of a batch.

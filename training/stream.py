@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from training.contract import category_text
 from training.data import (CSV, MAX_CLASSES_FROM_NUMBERS, MIN_TRAIN_ROWS, DataError, Split,
                            _csv_header, _json_label, check_file, check_header, select_features)
+from training.engine import batch_bounds
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
 MAX_CLASSES = 1000
@@ -95,6 +96,16 @@ class ChunkReader:
                                          chunksize=self.chunk_rows):
                     yield start, frame
                     start += len(frame)
+
+
+def labelled_chunks(reader: ChunkReader, cfg, features: list[str], order_seed=None):
+    """Each chunk's rows that have a target: (positions in the file, the rows, their split, and
+    how many rows were dropped for a missing target)."""
+    for start, frame in reader.chunks(features + [cfg.target], order_seed):
+        keep = frame[cfg.target].notna().to_numpy()
+        positions = start + np.flatnonzero(keep)
+        yield (positions, frame[keep], split_of(positions, cfg.seed, cfg.val_size, cfg.test_size),
+               int((~keep).sum()))
 
 
 def numeric_features(frame: pd.DataFrame, features: list[str], positions: np.ndarray) -> np.ndarray:
@@ -217,13 +228,10 @@ def scan(cfg, world_size: int = 1) -> Scan:
     counts, per_rank, dropped = np.zeros(3, int), np.zeros(world_size, int), 0
     bar = tqdm(total=reader.rows, desc="scan (normalization statistics)", unit=" rows",
                unit_scale=True, disable=not cfg.progress)
-    for start, frame in reader.chunks(features + [cfg.target]):
-        bar.update(len(frame))
-        keep = frame[cfg.target].notna().to_numpy()
-        dropped += int((~keep).sum())
-        frame, positions = frame[keep], start + np.flatnonzero(keep)
+    for positions, frame, split, missing_target in labelled_chunks(reader, cfg, features):
+        bar.update(len(frame) + missing_target)
+        dropped += missing_target
         X = numeric_features(frame, features, positions)
-        split = split_of(positions, cfg.seed, cfg.val_size, cfg.test_size)
         train = split == TRAIN
         if train.any():
             scaler.partial_fit(X[train])
@@ -269,7 +277,6 @@ class ShuffleBuffer:
         return self._drain(final=False) if self.held >= self.rows else []
 
     def _drain(self, final: bool) -> list:
-        from training.engine import batch_bounds
         X, y = np.concatenate(self.X), np.concatenate(self.y)
         perm = self.rng.permutation(len(X))
         X, y = X[perm], y[perm]
@@ -293,12 +300,9 @@ def train_batches(cfg, scan: Scan, rank: int, world_size: int, epoch: int, batch
     buffer = ShuffleBuffer(cfg.shuffle_rows, batch_size, np.random.default_rng([cfg.seed, epoch, rank]),
                            device, torch.float32 if regression else torch.int64)
     emitted = 0
-    chunks = reader.chunks(scan.features + [cfg.target], order_seed=[cfg.seed, epoch])
-    for start, frame in chunks:
-        keep = frame[cfg.target].notna().to_numpy()
-        frame, positions = frame[keep], start + np.flatnonzero(keep)
-        mine = ((split_of(positions, cfg.seed, cfg.val_size, cfg.test_size) == TRAIN)
-                & (positions % world_size == rank))
+    chunks = labelled_chunks(reader, cfg, scan.features, order_seed=[cfg.seed, epoch])
+    for positions, frame, split, _ in chunks:
+        mine = (split == TRAIN) & (positions % world_size == rank)
         if not mine.any():
             continue
         X = numeric_features(frame[mine], scan.features, positions[mine]).astype(np.float32)
