@@ -20,18 +20,20 @@ from pathlib import Path
 import torch
 
 from training.config import BUILTIN_DATASETS, make_config
+from training import engine
 from training.data import load_table
-from training.fit import evaluate_splits, train
+from training.dataset import prepare
+from training.distributed import World
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SGD = {"optimizer": "sgd", "lr": 0.01}
 # Each variant adds one practice to the one before; "default" is the project's own recipe.
 VARIANTS = {
-    "raw": {**SGD, "normalize": False, "batchnorm": False, "scheduler": "none"},
-    "+normalize": {**SGD, "normalize": True, "batchnorm": False, "scheduler": "none"},
-    "+batchnorm": {**SGD, "normalize": True, "batchnorm": True, "scheduler": "none"},
+    "raw": {**SGD, "normalizer": "none", "batchnorm": False, "scheduler": "none"},
+    "+normalize": {**SGD, "normalizer": "standard", "batchnorm": False, "scheduler": "none"},
+    "+batchnorm": {**SGD, "normalizer": "standard", "batchnorm": True, "scheduler": "none"},
     # One-cycle exists to allow a higher peak rate than a constant one: 10x the constant rate.
-    "+onecycle": {**SGD, "lr": 0.1, "normalize": True, "batchnorm": True, "scheduler": "onecycle"},
+    "+onecycle": {**SGD, "lr": 0.1, "normalizer": "standard", "batchnorm": True, "scheduler": "onecycle"},
     "default": {},
 }
 # Validation targets: (metric, threshold); accuracy must reach it, RMSE must fall to it.
@@ -48,14 +50,17 @@ def one_run(dataset: str, table, variant: str, seed: int, epochs: int) -> dict:
     metric, threshold = TARGETS[dataset]
     cfg = make_config({"dataset": dataset, "epochs": epochs, "patience": 0, "seed": seed,
                        "progress": False, **VARIANTS[variant]})
-    t = train(cfg, table, checkpoints=False)
-    curve = [h[f"val_{metric}"] for h in t.history]
-    hit = next((h for h in t.history if reached(h[f"val_{metric}"], metric, threshold)), None)
+    world = World.start(cfg.device)
+    data = prepare(cfg, world, table)
+    t = engine.train(cfg, data, world, checkpoints=False)
+    history = t.progress.history
+    curve = [h[f"val_{metric}"] for h in history]
+    hit = next((h for h in history if reached(h[f"val_{metric}"], metric, threshold)), None)
     return {"dataset": dataset, "variant": variant, "seed": seed, "metric": metric,
             "target": threshold, "epochs_to_target": hit["epoch"] if hit else None,
             "seconds_to_target": hit["seconds"] if hit else None,
-            "test": evaluate_splits(t)["test"][metric], "curve": curve,
-            "train_seconds": t.seconds}
+            "test": engine.evaluate_splits(t.net, data)["test"][metric], "curve": curve,
+            "train_seconds": t.progress.elapsed}
 
 
 def summarize(runs: list[dict], epochs: int) -> list[dict]:

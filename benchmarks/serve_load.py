@@ -196,7 +196,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import bentoml
-    from service.service import resolve_model_tag
+    from service.loading import resolve_model_tag
     tag = resolve_model_tag()
     model_path = bentoml.models.get(tag).path_of("model.onnx")
     env = {**os.environ, "MODEL_TAG": tag, "MAX_ROWS": str(max(10_000, args.big_rows)),

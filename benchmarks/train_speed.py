@@ -23,6 +23,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from training import engine
+from training.batches import shuffled_batches
+from training.schedules import LRSchedule
 from training.model import TabularNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,8 +79,8 @@ def dataloader_epoch(net, optimizer, X, y, batch_size, device):
 
 
 def project_epoch(net, optimizer, X, y, batch_size, generator):
-    schedule = engine.LRSchedule("none", optimizer, 1e-3, 1, 1, 0, True)
-    engine.train_one_epoch(net, engine.shuffled_batches(X, y, batch_size, generator), "classification",
+    schedule = LRSchedule("none", optimizer, 1e-3, 1, 1, 0, True)
+    engine.train_one_epoch(net, shuffled_batches(X, y, batch_size, generator), "classification",
                            optimizer, schedule)
 
 

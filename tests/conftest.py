@@ -64,7 +64,7 @@ def regressor(tmp_path_factory):
 def torch_reference(result, X):
     """What the trained PyTorch model in eval mode gives for raw rows, normalized with the
     training statistics (applied here by hand, independently of the graph)."""
-    card, net = result.card, result.net.eval()
+    card, net = result.card, result.trained.net.eval()
     mean = np.asarray(card["normalization"]["mean"])
     scale = np.asarray(card["normalization"]["scale"])
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 from conftest import make_frame
 from training.config import BUILTIN_DATASETS, make_config
 from training.data import DataError, infer_task, load_table, split_table, to_table
-from training.model import fit_normalizer
+from training.normalize import NoScaling, StandardScaling
 
 
 def test_split_is_seeded_disjoint_and_stratified():
@@ -23,17 +23,20 @@ def test_split_is_seeded_disjoint_and_stratified():
 def test_normalizer_statistics_come_from_training_rows_only():
     table = to_table(make_frame(), "label", None, "auto", "test")
     split = split_table(table, 0.2, 0.2, seed=0)
-    mean, scale = fit_normalizer(split.X_train)
+    fitted = StandardScaling().fit(split.X_train)
+    mean, scale = fitted.mean_, fitted.scale_
     np.testing.assert_allclose(mean, split.X_train.mean(axis=0))
     np.testing.assert_allclose(scale, split.X_train.std(axis=0, ddof=0))
     assert not np.allclose(mean, table.X.mean(axis=0))  # all rows would give other statistics
-    off_mean, off_scale = fit_normalizer(split.X_train, enabled=False)
+    off = NoScaling().fit(split.X_train)
+    off_mean, off_scale = off.mean_, off.scale_
     assert (off_mean == 0).all() and (off_scale == 1).all()
 
 
 def test_constant_feature_gets_scale_one():
     X = np.column_stack([np.full(10, 7.0), np.arange(10.0)])
-    mean, scale = fit_normalizer(X)
+    fitted = StandardScaling().fit(X)
+    mean, scale = fitted.mean_, fitted.scale_
     assert mean[0] == 7.0 and scale[0] == 1.0
 
 

@@ -62,7 +62,7 @@ def test_profile_travels_in_the_model_and_uses_the_service_bins(model):
     proto = onnx.load(model.model_dir / "model.onnx")
     profile = decode_metadata({p.key: p.value for p in proto.metadata_props})["drift"]
     assert [f["name"] for f in profile["features"]] == FEATURES
-    X = model.split.X_train
+    X = model.data.split.X_train
     income = profile["features"][0]
     assert income["mean"] == pytest.approx(X[:, 0].mean()) and income["std"] == pytest.approx(X[:, 0].std())
     assert len(income["edges"]) == drift.BINS - 1 and sum(income["freqs"]) == pytest.approx(1)

@@ -19,7 +19,7 @@ def session(result):
 
 
 def test_graph_takes_raw_features_and_matches_torch(classifier):
-    X = classifier.split.X_test
+    X = classifier.data.split.X_test
     probabilities, label = session(classifier).run(None, {"features": X.astype(np.float32)})
     np.testing.assert_allclose(probabilities, torch_reference(classifier, X), atol=1e-5)
     assert np.array_equal(label, probabilities.argmax(1))
@@ -27,7 +27,7 @@ def test_graph_takes_raw_features_and_matches_torch(classifier):
 
 
 def test_regression_graph_returns_original_units(regressor):
-    X, y = regressor.split.X_test, regressor.split.y_test
+    X, y = regressor.data.split.X_test, regressor.data.split.y_test
     (prediction,) = session(regressor).run(None, {"features": X.astype(np.float32)})
     np.testing.assert_allclose(prediction, torch_reference(regressor, X), atol=1e-3, rtol=1e-6)
     assert abs(prediction.mean() - y.mean()) < 0.2 * y.std()  # the units of y, not standardized
@@ -35,7 +35,7 @@ def test_regression_graph_returns_original_units(regressor):
 
 
 def test_one_row_alone_equals_the_row_in_a_batch(classifier):
-    s, X = session(classifier), classifier.split.X_test.astype(np.float32)
+    s, X = session(classifier), classifier.data.split.X_test.astype(np.float32)
     batch = s.run(["probabilities"], {"features": X})[0]
     for i in range(5):
         alone = s.run(["probabilities"], {"features": X[i:i + 1]})[0]
@@ -58,7 +58,7 @@ def test_metadata_round_trips(classifier):
         assert meta[key] == card[key], key
     assert meta["feature_names"] == ["income", "ratio", "age", "score"]
     assert meta["classes"] == ["approved", "declined"]
-    np.testing.assert_allclose(meta["normalization"]["mean"], classifier.split.X_train.mean(0))
+    np.testing.assert_allclose(meta["normalization"]["mean"], classifier.data.split.X_train.mean(0))
     assert meta["versions"]["torch"] == torch.__version__
 
 

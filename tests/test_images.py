@@ -13,7 +13,8 @@ from training.config import make_config
 from training.data import DataError, load_table, split_table
 from training.fit import run
 from training.images import ImageError, read_image
-from training.model import ConvNet, fit_channel_stats
+from training.model import ConvNet
+from training.normalize import ChannelStats
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
@@ -57,13 +58,14 @@ def digits_model(tmp_path_factory):
 def probabilities(result, images: np.ndarray) -> np.ndarray:
     """The PyTorch model in eval mode, torchvision normalization included, on uint8 images."""
     with torch.no_grad():
-        return torch.softmax(result.net.eval()(torch.from_numpy(images)), -1).numpy()
+        return torch.softmax(result.trained.net.eval()(torch.from_numpy(images)), -1).numpy()
 
 
 def test_channel_statistics_come_from_training_images_only(folder):
     table = load_table(make_config({"images": str(folder)}))
     split = split_table(table, 0.15, 0.15, 0)
-    mean, std = fit_channel_stats(split.X_train)
+    fitted = ChannelStats().fit(split.X_train)
+    mean, std = fitted.mean_, fitted.std_
     x = split.X_train.astype(np.float64) / 255
     np.testing.assert_allclose(mean, [x[:, c].mean() for c in range(3)])
     np.testing.assert_allclose(std, [x[:, c].std() for c in range(3)])  # population (ddof=0)
@@ -75,7 +77,8 @@ def test_card_and_onnx_metadata_carry_the_statistics(image_model):
     card = image_model.card
     assert card["modality"] == "image" and card["input"] == "images"
     assert card["image"] == {"channels": 3, "height": 12, "width": 12, "resize": True}
-    mean, std = fit_channel_stats(image_model.split.X_train)
+    fitted = ChannelStats().fit(image_model.data.split.X_train)
+    mean, std = fitted.mean_, fitted.std_
     np.testing.assert_allclose(card["normalization"]["mean"], mean)
     np.testing.assert_allclose(card["normalization"]["std"], std)
     assert card["classes"] == ["blue", "green", "red"]
@@ -85,7 +88,7 @@ def test_uint8_graph_matches_the_pytorch_model(image_model):
     session = ort.InferenceSession(str(image_model.model_dir / "model.onnx"))
     (inp,) = session.get_inputs()
     assert (inp.name, inp.type, inp.shape[1:]) == ("images", "tensor(uint8)", [3, 12, 12])
-    X = image_model.split.X_test
+    X = image_model.data.split.X_test
     p, label = session.run(None, {"images": X})
     np.testing.assert_allclose(p, probabilities(image_model, X), atol=1e-5)
     assert image_model.card["metrics"]["test"]["accuracy"] >= 0.9

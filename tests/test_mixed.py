@@ -7,7 +7,7 @@ import torch
 
 from conftest import quick_config
 from test_service import request, serving
-from training import preprocess
+from training import encoding
 from training.data import DataError, to_table
 from training.fit import run
 
@@ -51,7 +51,7 @@ def mixed_model(mixed_csv, tmp_path_factory):
 
 def odd_rows(result) -> pd.DataFrame:
     """Test rows, plus rows with a missing number, a missing category and an unseen one."""
-    frame = result.split.X_test.head(12).copy()
+    frame = result.data.split.X_test.head(12).copy()
     frame.loc[0, "bill"] = np.nan
     frame.loc[1, "sex"] = ""
     frame.loc[2, "island"] = "Atlantis"
@@ -60,10 +60,11 @@ def odd_rows(result) -> pd.DataFrame:
 
 
 def torch_reference(result, frame: pd.DataFrame) -> np.ndarray:
-    """scikit-learn's fitted pipeline, then the trained PyTorch model in eval mode."""
-    X = preprocess.transform(result.preprocessor, frame)
+    """scikit-learn's fitted encoder, then the trained PyTorch model in eval mode (its fitted
+    normalizer in front)."""
+    X = result.data.normalizer.encode(frame)
     with torch.no_grad():
-        return torch.softmax(result.net.eval()(torch.from_numpy(X)), -1).numpy()
+        return torch.softmax(result.trained.net.eval()(torch.from_numpy(X)), -1).numpy()
 
 
 def test_types_are_inferred_forced_and_the_id_is_dropped():
@@ -81,12 +82,12 @@ def test_types_are_inferred_forced_and_the_id_is_dropped():
 
 def test_statistics_come_from_training_rows_only(mixed_model):
     columns = {c["name"]: c for c in mixed_model.card["columns"]}
-    train = mixed_model.split.X_train
+    train = mixed_model.data.split.X_train
     assert columns["bill"]["median"] == pytest.approx(np.nanmedian(train["bill"]))
     imputed = train["bill"].fillna(np.nanmedian(train["bill"]))
     assert columns["bill"]["mean"] == pytest.approx(imputed.mean())
     assert columns["bill"]["scale"] == pytest.approx(imputed.std(ddof=0))
-    everything = mixed_model.table.X["bill"]
+    everything = mixed_model.data.table.X["bill"]
     assert columns["bill"]["median"] != pytest.approx(np.nanmedian(everything))
     assert columns["island"]["categories"] == sorted(set(train["island"]))
     assert columns["sex"]["categories"] == ["", "female", "male"]
@@ -98,7 +99,7 @@ def test_graph_takes_raw_columns_and_matches_the_pytorch_pipeline(mixed_model):
         "bill": "tensor(float)", "mass": "tensor(float)", "island": "tensor(string)",
         "sex": "tensor(string)", "year": "tensor(string)"}
     frame = odd_rows(mixed_model)
-    probabilities, _ = session.run(None, preprocess.column_feeds(frame, mixed_model.table.columns))
+    probabilities, _ = session.run(None, encoding.column_feeds(frame, mixed_model.data.table.columns))
     np.testing.assert_allclose(probabilities, torch_reference(mixed_model, frame), atol=1e-5)
     assert mixed_model.card["parity"]["max_abs_diff"] < 1e-4
     assert mixed_model.card["metrics"]["test"]["accuracy"] > 0.85
@@ -146,13 +147,13 @@ def test_served_records_with_nulls_and_unseen_categories(mixed_server, mixed_mod
     ({"beak": 3}, "row 0: unknown feature(s): beak"),
 ])
 def test_records_that_cannot_be_mapped_get_4xx(mixed_server, mixed_model, change, message):
-    row = {**records(mixed_model.split.X_test.head(1))[0], **change}
+    row = {**records(mixed_model.data.split.X_test.head(1))[0], **change}
     status, body = request(mixed_server + "/predict", {"instances": [row]})
     assert status == 400 and message in body["error"]
 
 
 def test_missing_column_is_named(mixed_server, mixed_model):
-    row = records(mixed_model.split.X_test.head(1))[0]
+    row = records(mixed_model.data.split.X_test.head(1))[0]
     del row["sex"]
     status, body = request(mixed_server + "/predict", {"instances": [row]})
     assert status == 400 and "missing feature(s): sex" in body["error"]

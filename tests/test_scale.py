@@ -14,12 +14,19 @@ import torch
 from sklearn.preprocessing import StandardScaler
 
 from conftest import make_frame, quick_config
-from training import engine, stream
+from training import stream
+from training.batches import steps_per_epoch
 from training.contract import REQUIRED_METADATA, decode_metadata
 from training.distributed import World
 from training.fit import main, run
+from training.normalize import StandardScaling
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def scan(cfg, world_size: int = 1) -> stream.Scan:
+    """The streamed first pass, fitting the default normalizer."""
+    return stream.scan(cfg, StandardScaling(), world_size)
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +45,13 @@ def test_streamed_statistics_equal_in_memory_statistics(tables, tmp_path, fmt):
     frame, csv, parquet = tables
     path = csv if fmt == "csv" else parquet
     cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=37)
-    s = stream.scan(cfg)
+    s = scan(cfg)
     # In memory: the whole file at once, the same rows in the training split.
     split = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_size)
     features = s.features
     whole = StandardScaler().fit(frame.loc[split == stream.TRAIN, features].to_numpy())
-    np.testing.assert_allclose(s.mean, whole.mean_, rtol=1e-12)
-    np.testing.assert_allclose(s.scale, whole.scale_, rtol=1e-12)
+    np.testing.assert_allclose(s.normalizer.mean_, whole.mean_, rtol=1e-12)
+    np.testing.assert_allclose(s.normalizer.scale_, whole.scale_, rtol=1e-12)
     assert s.rows == {"train": int((split == 0).sum()), "validation": int((split == 1).sum()),
                       "test": int((split == 2).sum())}
     assert s.task == "classification" and s.classes == ["approved", "declined"]
@@ -57,17 +64,18 @@ def test_streamed_regression_target_statistics(tmp_path):
     path = tmp_path / "r.csv"
     frame.to_csv(path, index=False)
     cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100)
-    s = stream.scan(cfg)
+    s = scan(cfg)
     train = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_size) == 0
     y = frame.label.to_numpy()[train]
     assert s.task == "regression"
-    assert s.y_mean == pytest.approx(y.mean(), rel=1e-12) and s.y_scale == pytest.approx(y.std(), rel=1e-12)
+    assert s.y_scaling.mean_[0] == pytest.approx(y.mean(), rel=1e-12)
+    assert s.y_scaling.scale_[0] == pytest.approx(y.std(), rel=1e-12)
 
 
 def test_split_by_position_is_stable_and_proportioned(tables, tmp_path):
     _, csv, _ = tables
-    a = stream.scan(quick_config(tmp_path, data=str(csv), target="label", stream=True, chunk_rows=50))
-    b = stream.scan(quick_config(tmp_path, data=str(csv), target="label", stream=True, chunk_rows=5000))
+    a = scan(quick_config(tmp_path, data=str(csv), target="label", stream=True, chunk_rows=50))
+    b = scan(quick_config(tmp_path, data=str(csv), target="label", stream=True, chunk_rows=5000))
     assert a.rows == b.rows  # the chunk size does not move rows between splits
     np.testing.assert_array_equal(a.split.X_val, b.split.X_val)
     codes = stream.split_of(np.arange(200_000), 0, 0.15, 0.15)
@@ -79,7 +87,7 @@ def test_split_by_position_is_stable_and_proportioned(tables, tmp_path):
 
 def test_eval_sample_is_bounded_and_uniform(tables, tmp_path):
     frame, csv, _ = tables
-    s = stream.scan(quick_config(tmp_path, data=str(csv), target="label", stream=True, chunk_rows=100,
+    s = scan(quick_config(tmp_path, data=str(csv), target="label", stream=True, chunk_rows=100,
                                  eval_rows=300))
     positions = s.split.X_train[:, 0]
     assert len(positions) == 300 and len(set(positions)) == 300
@@ -92,15 +100,15 @@ def test_stream_shards_are_disjoint_and_reshuffled_each_epoch(tables, tmp_path, 
     frame, csv, parquet = tables
     cfg = quick_config(tmp_path, data=str(csv if fmt == "csv" else parquet), target="label",
                        stream=True, chunk_rows=128, shuffle_rows=500)
-    s = stream.scan(cfg, world_size=2)
+    s = scan(cfg, world_size=2)
     train = np.flatnonzero(stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size,
                                            cfg.test_size) == stream.TRAIN)
     seen = {}
     for rank in (0, 1):
-        steps = engine.steps_per_epoch(s.rows_per_rank[rank], 16)
+        steps = steps_per_epoch(s.rows_per_rank[rank], 16)
         for epoch in (0, 1):
             batches = list(stream.train_batches(cfg, s, rank, 2, epoch, 16, steps,
-                                                torch.device("cpu")))
+                                                torch.device("cpu"), 0.0, 1.0))
             assert len(batches) == steps and min(len(xb) for xb, _ in batches) >= 2
             seen[rank, epoch] = torch.cat([xb[:, 0] for xb, _ in batches]).long().tolist()
         assert sorted(seen[rank, 0]) == sorted(seen[rank, 1])  # each epoch: the whole shard once
@@ -125,7 +133,7 @@ def test_streamed_model_is_the_usual_artifact(tables, tmp_path):
                               shuffle_rows=700, features=["income", "ratio", "age", "score"],
                               store=False))
     card = result.card
-    assert card["rows"] == {k: v for k, v in stream.scan(quick_config(
+    assert card["rows"] == {k: v for k, v in scan(quick_config(
         tmp_path, data=str(parquet), target="label", stream=True)).rows.items()}
     assert card["parity"]["max_abs_diff"] < 1e-4 and card["metrics"]["test"]["accuracy"] > 0.85
     assert card["training"]["streamed"] is not None and card["modality"] == "table"
@@ -136,7 +144,7 @@ def test_streamed_model_is_the_usual_artifact(tables, tmp_path):
     session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
     X = frame[["income", "ratio", "age", "score"]].to_numpy(np.float32)[:50].copy()
     with torch.no_grad():
-        expected = torch.softmax(result.net(torch.from_numpy(X)), -1).numpy()
+        expected = torch.softmax(result.trained.net(torch.from_numpy(X)), -1).numpy()
     np.testing.assert_allclose(session.run(["probabilities"], {"features": X})[0], expected, atol=1e-5)
 
 

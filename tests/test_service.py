@@ -93,7 +93,7 @@ def regression_server(regressor):
 
 
 def test_predictions_over_http_equal_the_trained_model(server, classifier):
-    X = classifier.split.X_test
+    X = classifier.data.split.X_test
     status, body = request(server + "/predict", {"instances": X.tolist()})
     assert status == 200
     expected = torch_reference(classifier, X)
@@ -104,7 +104,7 @@ def test_predictions_over_http_equal_the_trained_model(server, classifier):
 
 
 def test_record_form_equals_row_form(server, classifier):
-    X = classifier.split.X_test[:10]
+    X = classifier.data.split.X_test[:10]
     names = classifier.card["feature_names"]
     records = [dict(zip(reversed(names), reversed(row))) for row in X.tolist()]  # any key order
     assert request(server + "/predict", {"instances": records}) == \
@@ -112,7 +112,7 @@ def test_record_form_equals_row_form(server, classifier):
 
 
 def test_one_row_alone_equals_the_row_in_a_batch(server, classifier):
-    X = classifier.split.X_test[:8].tolist()
+    X = classifier.data.split.X_test[:8].tolist()
     batch = request(server + "/predict", {"instances": X})[1]["probabilities"]
     alone = [request(server + "/predict", {"instances": [row]})[1]["probabilities"][0] for row in X]
     assert np.abs(np.array(batch) - np.array(alone)).max() <= 1e-6
@@ -176,7 +176,7 @@ def test_bentoml_routes_keep_working(server):
 
 
 def test_regression_answers_in_target_units(regression_server, regressor):
-    X = regressor.split.X_test
+    X = regressor.data.split.X_test
     status, body = request(regression_server + "/predict", {"instances": X.tolist()})
     assert status == 200 and set(body) == {"predictions", "model"}
     np.testing.assert_allclose(body["predictions"], torch_reference(regressor, X), rtol=1e-5, atol=1e-3)
@@ -250,7 +250,7 @@ def npy_bytes(array) -> bytes:
 
 
 def test_npy_bulk_path_equals_json(server, classifier):
-    X = classifier.split.X_test
+    X = classifier.data.split.X_test
     status, body = request(server + "/predict", npy_bytes(X), content_type="application/x-npy")
     assert status == 200
     assert body == request(server + "/predict", {"instances": X.tolist()})[1]
@@ -400,7 +400,7 @@ def test_openapi_fuzz_finds_no_server_error_and_no_schema_violation(server):
 
 def test_bentoml_python_client_sends_rows_and_records(server, classifier):
     import bentoml
-    X = classifier.split.X_test[:5].tolist()
+    X = classifier.data.split.X_test[:5].tolist()
     names = classifier.card["feature_names"]
     with bentoml.SyncHTTPClient(server) as client:
         rows = client.predict(instances=X)

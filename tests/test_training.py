@@ -13,6 +13,9 @@ from torch import nn
 
 from conftest import make_frame, quick_config
 from training import engine
+from training.batches import shuffled_batches, steps_per_epoch
+from training.checkpoint import Checkpoint
+from training.schedules import LRSchedule
 from training.config import ConfigError, load_config
 from training.fit import main, run
 from training.model import TabularNet
@@ -24,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
                                                 (130, 64, [64, 64, 2]), (5, 64, [5])])
 def test_batches_cover_every_row_once_and_never_leave_one_row(n, batch, expected):
     X = torch.arange(n, dtype=torch.float32)[:, None]
-    batches = engine.shuffled_batches(X, torch.arange(n), batch, torch.Generator().manual_seed(0))
+    batches = shuffled_batches(X, torch.arange(n), batch, torch.Generator().manual_seed(0))
     assert [len(xb) for xb, _ in batches] == expected
     assert sorted(torch.cat([yb for _, yb in batches]).tolist()) == list(range(n))
     assert all(torch.equal(xb[:, 0].long(), yb) for xb, yb in batches)  # rows stay with targets
-    assert engine.steps_per_epoch(n, batch) == len(expected)
+    assert steps_per_epoch(n, batch) == len(expected)
 
 
 def _fit_steps(scheduler: str, epochs: int = 5, n: int = 129, batch: int = 32):
@@ -36,11 +39,11 @@ def _fit_steps(scheduler: str, epochs: int = 5, n: int = 129, batch: int = 32):
     X, y = torch.randn(n, 4), torch.randint(0, 2, (n,))
     net = TabularNet(4, 2, [8])
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    schedule = engine.LRSchedule(scheduler, opt, 0.1, epochs, engine.steps_per_epoch(n, batch), 6, True)
+    schedule = LRSchedule(scheduler, opt, 0.1, epochs, steps_per_epoch(n, batch), 6, True)
     gen, lrs = torch.Generator().manual_seed(0), []
     for _ in range(epochs):
         lrs.append(opt.param_groups[0]["lr"])
-        engine.train_one_epoch(net, engine.shuffled_batches(X, y, batch, gen), "classification", opt,
+        engine.train_one_epoch(net, shuffled_batches(X, y, batch, gen), "classification", opt,
                                schedule)
         schedule.after_epoch(engine.evaluate(net, X, y, "classification")["accuracy"])
     return schedule, lrs
@@ -76,14 +79,14 @@ def test_last_batch_of_one_row_trains(tmp_path, csv_path):
 def test_each_ablation_switch_changes_the_model(tmp_path, csv_path):
     base = dict(data=str(csv_path), target="label", epochs=3, store=False)
     full = run(quick_config(tmp_path, **base))
-    assert any(isinstance(m, nn.BatchNorm1d) for m in full.net.modules())
-    assert not (full.net.normalize.scale == 1).all()
-    no_bn = run(quick_config(tmp_path, batchnorm=False, **base)).net
+    assert any(isinstance(m, nn.BatchNorm1d) for m in full.trained.net.modules())
+    assert not (full.trained.net.normalize.scale == 1).all()
+    no_bn = run(quick_config(tmp_path, batchnorm=False, **base)).trained.net
     assert not any(isinstance(m, nn.BatchNorm1d) for m in no_bn.modules())
     assert all(m.bias is not None for m in no_bn.modules() if isinstance(m, nn.Linear))
-    raw = run(quick_config(tmp_path, normalize=False, dropout=0.2, scheduler="none", **base))
-    assert (raw.net.normalize.mean == 0).all() and (raw.net.normalize.scale == 1).all()
-    assert any(isinstance(m, nn.Dropout) for m in raw.net.modules())
+    raw = run(quick_config(tmp_path, normalizer="none", dropout=0.2, scheduler="none", **base))
+    assert (raw.trained.net.normalize.mean == 0).all() and (raw.trained.net.normalize.scale == 1).all()
+    assert any(isinstance(m, nn.Dropout) for m in raw.trained.net.modules())
     assert len({h["lr"] for h in raw.card["history"]}) == 1
     assert raw.card["normalization"]["enabled"] is False
 
@@ -150,13 +153,13 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and engine.load_checkpoint(ckpt)["epoch"] >= 3:
+        if ckpt.exists() and Checkpoint.load(ckpt).progress.epoch >= 3:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = engine.load_checkpoint(ckpt)["epoch"]
+    killed_at = Checkpoint.load(ckpt).progress.epoch
     assert 3 <= killed_at < 30
 
     changed = subprocess.run(args + ["--models-dir", str(tmp_path / "a"), "--resume", "--lr", "0.1"],

@@ -12,8 +12,10 @@ from typing import Any
 
 import yaml
 
+from training.normalize import NORMALIZERS
+from training.schedules import SCHEDULERS
+
 BUILTIN_DATASETS = ("breast_cancer", "digits", "wine", "iris", "diabetes", "digits-images")
-SCHEDULERS = ("onecycle", "cosine", "step", "plateau", "none")
 
 
 class ConfigError(ValueError):
@@ -51,7 +53,9 @@ class Config:
     eval_rows: int = _opt(100_000, "--stream: the metrics use a uniform sample of up to this many "
                                    "rows of each split")
     # recipe: each part can be switched off for ablation
-    normalize: bool = _opt(True, "standardize inputs with a StandardScaler fitted on the training split")
+    normalizer: str = _opt("standard", "input normalization fitted on the training split: standard "
+                                       "((x - mean) / std per feature or image channel), or none",
+                           choices=tuple(NORMALIZERS))
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
     hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables)")
     channels: list[int] = _opt((32, 64), "comma-separated conv block widths (images)")
@@ -114,7 +118,7 @@ class Config:
 
 # Fields that define what is trained: a checkpoint made under other values cannot be resumed.
 RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric", "drop", "images",
-                "image_size", "task", "val_size", "test_size", "seed", "normalize", "batchnorm",
+                "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
                 "hidden", "channels", "augment", "dropout", "optimizer", "lr", "momentum",
                 "weight_decay", "scheduler", "epochs", "batch_size", "stream", "chunk_rows",
                 "shuffle_rows")
@@ -150,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                 default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
                 kw["help"] += f" (default: {default})"
         parser.add_argument(flag, **kw)
+    parser.add_argument("--no-normalize", dest="normalizer", action="store_const", const="none",
+                        default=argparse.SUPPRESS, help="the same as --normalizer none")
     return parser
 
 
@@ -174,6 +180,8 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 
 def make_config(values: dict[str, Any]) -> Config:
+    if "normalize" in values:  # the switch's earlier name, in config files
+        values["normalizer"] = "standard" if values.pop("normalize") else "none"
     known = {f.name for f in dataclasses.fields(Config)}
     if unknown := sorted(set(values) - known):
         raise ConfigError(f"unknown option(s) in config: {', '.join(unknown)}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,13 +14,9 @@ from sklearn import datasets as skdatasets
 from sklearn.model_selection import train_test_split
 
 from training.contract import category_text
-
-MAX_CLASSES_FROM_NUMBERS = 20  # an integer-valued target with more distinct values is a regression
-MIN_TRAIN_ROWS = 10  # fewer cannot fit a network, nor give BatchNorm meaningful batch statistics
-
-
-class DataError(ValueError):
-    """The user's data cannot be trained on; the message says why, in one line."""
+from training.files import read_table
+from training.rules import (MIN_TRAIN_ROWS, DataError, DataNote, Target, check_float32, count,
+                            is_number_column, json_label, names)
 
 
 @dataclass
@@ -58,61 +53,12 @@ def load_builtin(name: str) -> tuple[pd.DataFrame, str]:
         raise DataError(f"unknown built-in dataset {name!r}")
     bunch = loader(as_frame=True)
     frame = bunch.frame.copy()
-    names = getattr(bunch, "target_names", None)
-    if name != "diabetes" and names is not None:  # classification: use the label names, not 0..k-1
-        frame["target"] = np.asarray(names)[frame["target"].to_numpy()]
+    labels = getattr(bunch, "target_names", None)
+    if name != "diabetes" and labels is not None:  # classification: use the label names, not 0..k-1
+        frame["target"] = np.asarray(labels)[frame["target"].to_numpy()]
         if name == "digits":
             frame["target"] = frame["target"].astype(int)
     return frame, "target"
-
-
-PARQUET, CSV = (".parquet", ".pq"), (".csv", ".txt", ".tsv")
-
-
-def check_file(path: str) -> str:
-    """The file's lower-case suffix, once it is known to be a non-empty CSV or Parquet file."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data file not found: {path}")
-    if p.is_dir():
-        raise DataError(f"{path} is a directory; expected a CSV or Parquet file")
-    if p.stat().st_size == 0:
-        raise DataError(f"{path} is empty")
-    suffix = p.suffix.lower()
-    if suffix not in PARQUET + CSV:
-        raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv or .parquet")
-    return suffix
-
-
-def read_table(path: str) -> pd.DataFrame:
-    p, suffix = Path(path), check_file(path)
-    try:
-        if suffix in PARQUET:
-            frame = pd.read_parquet(p)
-        else:
-            frame = pd.read_csv(p, sep="\t" if suffix == ".tsv" else ",")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text") from None
-    except Exception as e:  # pandas/pyarrow raise many kinds; the first line names the problem
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot read {path}: {first}") from None
-    check_header(path, _csv_header(p) if suffix in CSV else list(map(str, frame.columns)))
-    if frame.empty:
-        raise DataError(f"{path} has no data rows")
-    return frame
-
-
-def check_header(path: str, header: list[str]) -> None:
-    if dupes := sorted({c for c in header if header.count(c) > 1}):
-        raise DataError(f"{path}: duplicate column names: {', '.join(dupes)}")
-
-
-def _csv_header(path: Path) -> list[str]:
-    """The header as written: pandas renames duplicate names (a, a.1) instead of reporting them."""
-    import csv
-    with open(path, newline="", encoding="utf-8") as f:
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-        return next(csv.reader(f, delimiter=delimiter), [])
 
 
 def _delimiter_hint(frame: pd.DataFrame) -> str:
@@ -124,34 +70,9 @@ def _delimiter_hint(frame: pd.DataFrame) -> str:
     return ""
 
 
-def _names(columns, limit: int = 8) -> str:
-    columns = [str(c) for c in columns]
-    more = f", ... ({len(columns) - limit} more)" if len(columns) > limit else ""
-    return ", ".join(columns[:limit]) + more
-
-
-def _rows(n: int) -> str:
-    return f"{n} row" if n == 1 else f"{n} rows"
-
-
 def infer_task(y: pd.Series) -> str:
-    if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
-        return "classification"
-    values = y.to_numpy(dtype=float)
-    if np.all(np.mod(values, 1) == 0) and len(np.unique(values)) <= MAX_CLASSES_FROM_NUMBERS:
-        return "classification"
-    return "regression"
-
-
-def _json_label(v):
-    """A class label as a plain JSON value (numpy scalars are not JSON)."""
-    if isinstance(v, (np.bool_, bool)):
-        return bool(v)
-    if isinstance(v, (np.integer, int)):
-        return int(v)
-    if isinstance(v, (np.floating, float)):
-        return int(v) if float(v).is_integer() else float(v)
-    return str(v)
+    """classification or regression, as the target's values suggest (training/rules.py)."""
+    return Target(str(y.name)).add(y.dropna()).infer_task()
 
 
 ID_NAMES = {"id", "index", "row", "row_id", "unnamed: 0"}
@@ -167,16 +88,16 @@ def column_types(frame: pd.DataFrame, features: list[str], categorical, numeric)
     """'numeric' or 'categorical' per feature: forced by the options, else by the data."""
     categorical, numeric = set(categorical or ()), set(numeric or ())
     if unknown := sorted((categorical | numeric) - set(features)):
-        raise DataError(f"--categorical/--numeric name column(s) that are not features: {_names(unknown)}")
+        raise DataError(f"--categorical/--numeric name column(s) that are not features: {names(unknown)}")
     if both := sorted(categorical & numeric):
-        raise DataError(f"column(s) both --categorical and --numeric: {_names(both)}")
+        raise DataError(f"column(s) both --categorical and --numeric: {names(both)}")
     types = {}
     for c in features:
-        is_number = pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+        is_number = is_number_column(frame[c])
         if c in numeric and not is_number:
             converted = pd.to_numeric(frame[c], errors="coerce")
             bad = int((converted.isna() & frame[c].notna()).sum())
-            raise DataError(f"--numeric column {c!r} has {_rows(bad)} that are not numbers")
+            raise DataError(f"--numeric column {c!r} has {count(bad)} that are not numbers")
         types[c] = "categorical" if c in categorical or not is_number else "numeric"
     return types
 
@@ -185,12 +106,12 @@ def select_features(frame: pd.DataFrame, target: str, features: list[str] | None
     """The feature columns: the ones named, else all but the target, less --drop and obvious row
     ids (judged on `frame`: the whole table, or a streamed file's first chunk)."""
     if target not in frame.columns:
-        raise DataError(f"target column {target!r} not found; columns are: {_names(frame.columns)}"
+        raise DataError(f"target column {target!r} not found; columns are: {names(frame.columns)}"
                         + _delimiter_hint(frame))
     if features:
         if unknown := [f for f in features if f not in frame.columns]:
-            raise DataError(f"feature column(s) not found: {_names(unknown)}; "
-                            f"columns are: {_names(frame.columns)}")
+            raise DataError(f"feature column(s) not found: {names(unknown)}; "
+                            f"columns are: {names(frame.columns)}")
         if target in features:
             raise DataError(f"the target {target!r} is also listed as a feature")
     else:
@@ -198,10 +119,10 @@ def select_features(frame: pd.DataFrame, target: str, features: list[str] | None
         ids = [c for c in features if c not in (drop or ()) and is_row_id(c, frame[c])]
         if ids:
             warnings.warn(f"dropped row-id column(s) {', '.join(map(str, ids))} "
-                          "(keep with --features)")
+                          "(keep with --features)", DataNote)
         features = [c for c in features if c not in ids]
     if unknown := [d for d in (drop or ()) if d not in frame.columns]:
-        raise DataError(f"--drop names column(s) not found: {_names(unknown)}")
+        raise DataError(f"--drop names column(s) not found: {names(unknown)}")
     features = [c for c in features if c not in (drop or ())]
     if not features:
         raise DataError("no feature columns: the table has only the target")
@@ -225,8 +146,8 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     numbers = [c for c in features if types[c] == "numeric"]
     X_num = frame[numbers].apply(pd.to_numeric).to_numpy(dtype=np.float64)
     if (inf := np.isinf(X_num).sum(axis=0)).any():
-        cols = [f"{c} ({_rows(n)})" for c, n in zip(numbers, inf) if n]
-        raise DataError(f"feature column(s) have infinite values: {_names(cols)}")
+        cols = [f"{c} ({count(n)})" for c, n in zip(numbers, inf) if n]
+        raise DataError(f"feature column(s) have infinite values: {names(cols)}")
     mixed = len(numbers) < len(features) or bool(np.isnan(X_num).any())
     if mixed:
         # Categories as text (a missing one is its own value, ""); numbers as floats with NaN.
@@ -238,35 +159,18 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
         columns = [{"name": str(c), "type": types[c]} for c in features]
     else:
         X, columns = X_num, None
-    if len(X_num) and np.nanmax(np.abs(X_num), initial=0) > np.finfo(np.float32).max:
-        raise DataError("feature values exceed the float32 range the model computes in")
+    check_float32(X_num)
 
-    y_raw = frame[target]
-    task = infer_task(y_raw) if task == "auto" else task
-    if task == "classification":
-        codes, uniques = pd.factorize(y_raw, sort=True)
-        classes = [_json_label(v) for v in uniques]
-        if len(classes) < 2:
-            raise DataError(f"target {target!r} has a single class ({classes[0]!r}); "
-                            "classification needs at least two")
-        y = codes.astype(np.int64)
-    else:
-        if not pd.api.types.is_numeric_dtype(y_raw) or pd.api.types.is_bool_dtype(y_raw):
-            raise DataError(f"target {target!r} is not numeric, so it cannot be a regression target")
-        y = y_raw.to_numpy(dtype=np.float64)
-        if not np.isfinite(y).all():
-            raise DataError(f"target {target!r} has infinite values")
-        if np.ptp(y) == 0:
-            raise DataError(f"target {target!r} is constant; there is nothing to learn")
-        classes = None
-    return Table(X, y, [str(f) for f in features], task, classes, source, dropped,
-                 modality="mixed" if mixed else "table", columns=columns)
+    target_summary = Target(target).add(frame[target])
+    task, classes = target_summary.settle(task)
+    return Table(X, target_summary.encode(frame[target], task), [str(f) for f in features], task,
+                 classes, source, dropped, modality="mixed" if mixed else "table", columns=columns)
 
 
 def image_table(X: np.ndarray, labels: list, classes: list, source: str, resize: bool) -> Table:
     index = {c: i for i, c in enumerate(classes)}
     return Table(X, np.array([index[label] for label in labels], dtype=np.int64), [],
-                 "classification", [_json_label(c) for c in classes], source,
+                 "classification", [json_label(c) for c in classes], source,
                  modality="image", resize=resize)
 
 
@@ -304,7 +208,8 @@ def split_table(table: Table, val_size: float, test_size: float, seed: int) -> S
         if counts.min() >= 3 and len(counts) <= min(n_test, n_val):
             stratify = table.y
         else:
-            warnings.warn("some classes have fewer than 3 rows, so the split is not stratified")
+            warnings.warn("some classes have fewer than 3 rows, so the split is not stratified",
+                          DataNote)
     idx = np.arange(n)
     rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
     train, val = train_test_split(rest, test_size=n_val, random_state=seed,

@@ -15,7 +15,7 @@ from torch import distributed as dist
 from torch import nn
 
 from training.config import ConfigError
-from training.data import DataError
+from training.rules import DataError
 
 
 def pick_device(choice: str, local_rank: int = 0) -> torch.device:
@@ -39,9 +39,15 @@ class World:
         return self.rank == 0
 
     @classmethod
+    def launched(cls) -> World:
+        """This process's rank and the number of ranks, as torchrun set them (no process group
+        joined, no device picked): one process alone is rank 0 of 1."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+    @classmethod
     def start(cls, device_choice: str) -> World:
         """This process's rank; joins the process group when torchrun started several."""
-        size, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+        size, local = cls.launched().size, int(os.environ.get("LOCAL_RANK", "0"))
         device = pick_device(device_choice, local)
         if size == 1:
             return cls(device=device)

@@ -1,4 +1,5 @@
-"""One epoch of training, evaluation, the learning-rate schedule and checkpoints.
+"""The training loop: batches, one epoch, evaluation, and `train`, which runs epochs with early
+stopping and a checkpoint after each, and returns the best epoch's network.
 
 The data sit on the device as whole tensors. Each epoch permutes them once and takes batches as
 contiguous slices (views, no copy): much less per-step work than a per-row DataLoader, or than
@@ -6,37 +7,51 @@ gathering each batch by index (benchmarks/train_speed.py).
 """
 from __future__ import annotations
 
+import datetime as dt
 import math
-import os
-from pathlib import Path
+import secrets
+import sys
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from training import stream
+from training.batches import shuffled_batches, steps_per_epoch
+from training.checkpoint import Checkpoint, Progress, checkpoint_path, resume
+from training.config import ConfigError
+from training.dataset import Data
+from training.distributed import World
+from training.model import build_network
+from training.rules import DataError
+from training.schedules import LRSchedule
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Optimizer steps per epoch; a trailing batch of one row is merged into the one before,
-    since BatchNorm cannot train on a single row."""
-    steps = math.ceil(n / batch_size)
-    return steps - 1 if steps > 1 and n % batch_size == 1 else steps
+def memory_batches(X: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """One process, data in memory: a new random order every epoch."""
+    steps = steps_per_epoch(len(X), batch_size)
+    return steps, lambda epoch: shuffled_batches(X, y, batch_size, generator)
 
 
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    steps = steps_per_epoch(n, batch_size)
-    bounds = [i * batch_size for i in range(steps)] + [n]
-    return list(zip(bounds[:-1], bounds[1:]))
+def sharded_batches(X: torch.Tensor, y: torch.Tensor, batch_size: int, world: World, seed: int):
+    """Under torchrun, data in memory: this rank's shard, reshuffled every epoch
+    (DistributedSampler pads the shards to one length)."""
+    steps = steps_per_epoch(math.ceil(len(X) / world.size), batch_size)
+    return steps, lambda epoch: shuffled_batches(X, y, batch_size,
+                                                 order=world.sampler_order(len(X), seed, epoch))
 
 
-def shuffled_batches(X: torch.Tensor, y: torch.Tensor, batch_size: int,
-                     generator: torch.Generator | None = None, order: torch.Tensor | None = None):
-    """(inputs, targets) batches of one epoch in a random order (or the rows `order` gives, in
-    that order): one gather, then views."""
-    perm = torch.randperm(len(X), generator=generator) if order is None else order
-    perm = perm.to(X.device)
-    X, y = X[perm], y[perm]
-    return [(X[a:b], y[a:b]) for a, b in batch_bounds(len(X), batch_size)]
+def streamed_batches(cfg, data: Data, world: World, batch_size: int, device: torch.device):
+    """--stream: this rank's rows read from the file every epoch; every rank takes as many steps
+    as the smallest shard allows."""
+    steps = min(steps_per_epoch(n, batch_size) for n in data.scan.rows_per_rank)
+    return steps, lambda epoch: stream.train_batches(cfg, data.scan, world.rank, world.size, epoch,
+                                                     batch_size, steps, device, data.y_mean,
+                                                     data.y_scale)
 
 
 def make_optimizer(params, name: str, lr: float, weight_decay: float, momentum: float = 0.0):
@@ -44,62 +59,6 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, momentum: 
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-# One-cycle shape: a short warm-up (the first 5% of steps) from lr / 5, then a long cosine
-# anneal. With BatchNorm the network tolerates a high rate early, and a short warm-up reaches the
-# validation targets in 2-4 epochs where torch's default (30% from lr / 25) takes 6-17
-# (benchmarks/convergence.py, docs/benchmarks.md).
-ONECYCLE_WARMUP = 0.05
-ONECYCLE_DIV = 5.0
-
-
-def warmup_share(total_steps: int) -> float:
-    """ONECYCLE_WARMUP, but at least 1.5 steps (torch divides by zero when the warm-up rounds to
-    exactly one step) and at most 45% for very short runs."""
-    return min(0.45, max(ONECYCLE_WARMUP, 1.5 / total_steps))
-
-
-class LRSchedule:
-    """A torch scheduler plus the granularity it is stepped at: per optimizer step for one-cycle,
-    per epoch for cosine and step, per epoch on the validation metric for plateau."""
-
-    def __init__(self, name: str, optimizer, lr: float, epochs: int, steps: int, patience: int,
-                 higher_is_better: bool):
-        S = torch.optim.lr_scheduler
-        self.name = name
-        self.per_batch = name == "onecycle"
-        self.scheduler = {
-            "onecycle": lambda: S.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps,
-                                             pct_start=warmup_share(epochs * steps),
-                                             div_factor=ONECYCLE_DIV),
-            "cosine": lambda: S.CosineAnnealingLR(optimizer, T_max=epochs),
-            "step": lambda: S.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1),
-            "plateau": lambda: S.ReduceLROnPlateau(optimizer, mode="max" if higher_is_better else "min",
-                                                   factor=0.5, patience=max(1, patience // 3)),
-            "none": lambda: None,
-        }[name]()
-
-    def after_batch(self):
-        if self.per_batch:
-            self.scheduler.step()
-
-    def after_epoch(self, val_metric: float):
-        if self.name == "plateau":
-            self.scheduler.step(val_metric)
-        elif self.scheduler is not None and not self.per_batch:
-            self.scheduler.step()
-
-    @property
-    def steps_taken(self) -> int:
-        return 0 if self.scheduler is None else self.scheduler.last_epoch
-
-    def state_dict(self):
-        return {} if self.scheduler is None else self.scheduler.state_dict()
-
-    def load_state_dict(self, state):
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state)
 
 
 def loss_fn(task: str):
@@ -163,16 +122,110 @@ def is_better(metrics: dict, best: dict | None, task: str) -> bool:
     return metrics["loss"] < best["loss"]
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Written to a temporary file and renamed, so a crash mid-write keeps the previous one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def to_device(arrays, device, dtypes) -> list[torch.Tensor]:
     return [torch.as_tensor(np.ascontiguousarray(a), dtype=d).to(device) for a, d in zip(arrays, dtypes)]
+
+
+def new_version() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+
+
+@dataclass
+class Trained:
+    """The best epoch's network (eval mode, on the CPU) and how it was trained."""
+    net: nn.Module
+    version: str
+    progress: Progress        # history, best epoch, training seconds
+    stopped_early: bool
+    device: str
+    resumed: bool
+    distributed: dict | None  # under torchrun: world size, backend, batch per rank
+
+
+def train(cfg, data: Data, world: World, checkpoints: bool = True) -> Trained | None:
+    """Train with early stopping (a checkpoint after every epoch, unless `checkpoints` is False)
+    and restore the best epoch's weights. Under torchrun every rank trains its shard; rank 0
+    gets the result, the other ranks None."""
+    if cfg.batch_size < 2 * world.size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch: it needs at least 2 "
+                          f"rows for each of the {world.size} ranks (BatchNorm)")
+    batch_size = cfg.batch_size // world.size  # per rank; the global batch is the same as one process's
+    state = resume(cfg, world.size) if cfg.resume else None
+    version = state.version if state else world.share(new_version)
+    task, device = data.table.task, world.device
+    n_out = len(data.table.classes) if task == "classification" else 1
+
+    def make_net() -> nn.Module:
+        return build_network(cfg, data.table.modality, data.width, n_out, data.normalizer.module())
+
+    torch.manual_seed(cfg.seed)
+    net = make_net().to(device)
+    model = world.wrap(net)  # DistributedDataParallel under torchrun; the network itself otherwise
+    if world.size > 1:
+        torch.manual_seed(cfg.seed + world.rank)  # each rank its own dropout and augmentation
+    X_val, y_val = tensors(data, "validation", device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.stream:
+        steps, batches = streamed_batches(cfg, data, world, batch_size, device)
+    elif world.size > 1:
+        steps, batches = sharded_batches(*tensors(data, "train", device), batch_size, world, cfg.seed)
+    else:
+        steps, batches = memory_batches(*tensors(data, "train", device), batch_size, generator)
+    if steps == 0:
+        raise DataError("too few training rows for one batch on every rank")
+
+    optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
+                               cfg.momentum)
+    metric, higher = monitor(task)
+    schedule = LRSchedule(cfg.scheduler, optimizer, cfg.lr, cfg.epochs, steps, cfg.patience, higher)
+    progress = state.restore(net, optimizer, schedule, generator) if state else Progress()
+    path = checkpoint_path(cfg) if checkpoints and world.main else None  # rank 0 writes
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    started, elapsed_before = time.perf_counter(), progress.elapsed
+    bar = tqdm(range(progress.epoch, cfg.epochs), desc=f"train {cfg.model_name}", unit="epoch",
+               initial=progress.epoch, total=cfg.epochs, disable=not (cfg.progress and world.main),
+               file=sys.stderr)
+    stopped_early = False
+    for epoch in bar:
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = world.mean(*train_one_epoch(model, batches(epoch), task, optimizer, schedule))
+        # Rank 0 evaluates and every rank follows its verdict, so all stop at the same epoch.
+        val = world.share(lambda: evaluate(net, X_val, y_val, task, data.y_mean, data.y_scale))
+        schedule.after_epoch(val[metric])
+        progress.epoch, progress.elapsed = epoch + 1, elapsed_before + time.perf_counter() - started
+        progress.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                                 f"val_{metric}": val[metric], "lr": lr,
+                                 "seconds": round(progress.elapsed, 4)})
+        if is_better(val, progress.best, task):
+            progress.best, progress.best_epoch = val, epoch + 1
+            progress.best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        bar.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val[metric]:.4f}"},
+                        lr=f"{lr:.2e}")
+        stopped_early = bool(cfg.patience and epoch + 1 - progress.best_epoch >= cfg.patience)
+        if path:
+            Checkpoint.capture(cfg, world.size, version, progress, net, optimizer, schedule,
+                               generator).save(path)
+        if stopped_early:
+            break
+    bar.close()
+    if not world.main:
+        return None
+    best = make_net()  # a plain network (BatchNorm, not SyncBatchNorm; no DDP wrapper)
+    best.load_state_dict(progress.best_state)
+    return Trained(best.eval(), version, progress, stopped_early, str(device), state is not None,
+                   world.describe(batch_size))
+
+
+def tensors(data: Data, split: str, device) -> list[torch.Tensor]:
+    """A split's inputs and targets on the device, as the network takes them."""
+    X_dtype = torch.uint8 if data.table.modality == "image" else torch.float32
+    y_dtype = torch.int64 if data.table.task == "classification" else torch.float32
+    return to_device([data.inputs(split), data.targets(split)], device, [X_dtype, y_dtype])
+
+
+def evaluate_splits(net: nn.Module, data: Data) -> dict[str, dict[str, float]]:
+    """Loss and metrics of the network on each split."""
+    return {split: evaluate(net, *tensors(data, split, "cpu"), data.table.task, data.y_mean,
+                            data.y_scale)
+            for split in ("train", "validation", "test")}

@@ -1,6 +1,6 @@
 """Export the eval-mode model, normalization included, to one ONNX graph; prove it; write the artifacts.
 
-The graph subtracts and divides by the training statistics first (constants), then runs the
+The graph applies the fitted normalizer first (its statistics are constants), then runs the
 network; its inputs, outputs and metadata follow training/contract.py.
 """
 from __future__ import annotations
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pandas as pd
 import torch
 from torch import nn
 
-from training.contract import OUTPUTS, PIPELINE_LABEL, encode_metadata
+from training.contract import INPUTS, OUTPUTS, PIPELINE_LABEL, encode_metadata
 
 PARITY_TOLERANCE = 1e-4
 
@@ -44,8 +45,20 @@ def export_onnx(model: nn.Module, example: torch.Tensor, input_name: str, task: 
     return program.model_proto
 
 
-def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
+def export_model(head: nn.Module, data, X_test: torch.Tensor, metadata: dict) -> tuple[onnx.ModelProto, dict]:
+    """The exported graph (the normalizer's piece, then the network and its head) with its
+    metadata, and proof that it answers the test split's raw inputs as `head` answers `X_test`
+    (the same rows as the network takes them)."""
+    task, raw = data.table.task, data.split.X_test
+    net_input = metadata["input"] or INPUTS["table"]  # mixed tables: the network's input inside
+    proto = data.normalizer.graph(export_onnx(head, X_test[:1], net_input, task), net_input)
     onnx.helper.set_model_props(proto, encode_metadata(metadata))
+
+    def feeds(rows: slice) -> dict[str, np.ndarray]:
+        return data.normalizer.feeds(raw.iloc[rows] if isinstance(raw, pd.DataFrame) else raw[rows],
+                                     net_input)
+
+    return proto, check_parity(proto, head, X_test.numpy(), feeds, task)
 
 
 def check_parity(proto: onnx.ModelProto, model: nn.Module, X: np.ndarray, feeds, task: str) -> dict:

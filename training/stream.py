@@ -1,31 +1,29 @@
 """Tables larger than memory (`--stream`): the file is read in chunks, never whole.
 
-A first pass fits the normalization with StandardScaler.partial_fit (the same statistics as a fit
-on the whole training split), counts the rows, settles the task and classes, and keeps a bounded
-uniform sample of each split for the metrics. Each epoch reads the file again and trains from a
+A first pass fits the normalizer with partial_fit (the same statistics as a fit on the whole
+training split), summarizes the target with the rules an in-memory table passes
+(training/rules.py), counts the rows and keeps a bounded uniform sample of each split for the
+metrics. Each epoch reads the file again and trains from a
 bounded shuffle buffer. A row's split comes from a hash of its position in the file: no shuffle of
 the file, and the same split on every read and every rank. Under torchrun, rank r trains on the
 training rows whose position is r modulo the number of ranks.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
-from training.contract import category_text
-from training.data import (CSV, MAX_CLASSES_FROM_NUMBERS, MIN_TRAIN_ROWS, DataError, Split,
-                           _csv_header, _json_label, check_file, check_header, select_features)
-from training.engine import batch_bounds
+from training.data import Split, select_features
+from training.batches import batch_bounds
+from training.files import ChunkReader
+from training.normalize import Normalizer, StandardScaling
+from training.rules import MIN_TRAIN_ROWS, DataError, Target, check_float32
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
-MAX_CLASSES = 1000
 _MASK = (1 << 64) - 1
 
 
@@ -44,58 +42,6 @@ def split_of(positions: np.ndarray, seed: int, val_size: float, test_size: float
     """TRAIN, VALIDATION or TEST per row position."""
     h = row_hash(positions, seed)
     return np.where(h < test_size, TEST, np.where(h < test_size + val_size, VALIDATION, TRAIN))
-
-
-class ChunkReader:
-    """A CSV or Parquet file as (position of the first row, DataFrame) chunks."""
-
-    def __init__(self, path: str, chunk_rows: int):
-        self.path, self.chunk_rows = path, chunk_rows
-        self.parquet = check_file(path) not in CSV
-        self.sep = "\t" if path.lower().endswith(".tsv") else ","
-        with self._errors():
-            self.header = (list(self._parquet().schema_arrow.names) if self.parquet
-                           else _csv_header(Path(path)))
-        check_header(path, self.header)
-        self.rows = self._parquet().metadata.num_rows if self.parquet else None
-
-    def _parquet(self):
-        import pyarrow.parquet as pq
-        return pq.ParquetFile(self.path)
-
-    @contextlib.contextmanager
-    def _errors(self):
-        """Errors of pandas and pyarrow as one-line DataErrors."""
-        try:
-            yield
-        except DataError:
-            raise
-        except UnicodeDecodeError:
-            raise DataError(f"{self.path} is not UTF-8 text") from None
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"cannot read {self.path}: {first}") from None
-
-    def chunks(self, columns: list[str] | None = None, order_seed=None):
-        """Chunks in file order; Parquet row groups in a shuffled order when order_seed is given."""
-        with self._errors():
-            if self.parquet:
-                f = self._parquet()
-                sizes = [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]
-                starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-                groups = (range(len(sizes)) if order_seed is None
-                          else np.random.default_rng(order_seed).permutation(len(sizes)))
-                for g in groups:
-                    start = int(starts[g])
-                    for batch in f.iter_batches(self.chunk_rows, row_groups=[int(g)], columns=columns):
-                        yield start, batch.to_pandas()
-                        start += batch.num_rows
-            else:
-                start = 0
-                for frame in pd.read_csv(self.path, sep=self.sep, usecols=columns,
-                                         chunksize=self.chunk_rows):
-                    yield start, frame
-                    start += len(frame)
 
 
 def labelled_chunks(reader: ChunkReader, cfg, features: list[str], order_seed=None):
@@ -120,60 +66,8 @@ def numeric_features(frame: pd.DataFrame, features: list[str], positions: np.nda
         raise DataError(f"--stream: column {name!r} in data row {positions[row] + 1} {what}; "
                         "streaming takes complete numeric feature columns (train without --stream "
                         "to impute missing values and encode categories)")
-    if np.abs(X).max(initial=0) > np.finfo(np.float32).max:
-        raise DataError("feature values exceed the float32 range the model computes in")
+    check_float32(X)
     return X
-
-
-class Target:
-    """The task, the classes and the regression target's statistics, from the target column
-    chunk by chunk: numbers that are whole and few are classes, other numbers a regression
-    target, text is always classes."""
-
-    def __init__(self):
-        self.numbers, self.texts = set(), set()  # distinct values, kept up to MAX_CLASSES + 1
-        self.numeric, self.whole = True, True
-        self.scaler = StandardScaler()  # of the training rows, for a regression target
-
-    def add(self, y: pd.Series, train: np.ndarray) -> None:
-        if self.numeric and pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y):
-            v = y.to_numpy(np.float64)
-            if not np.isfinite(v).all():
-                raise DataError(f"target {y.name!r} has infinite values")
-            self.whole = self.whole and bool(np.all(np.mod(v, 1) == 0))
-            if train.any():
-                self.scaler.partial_fit(v[train, None])
-            if len(self.numbers) <= MAX_CLASSES:
-                self.numbers.update(np.unique(v).tolist())
-        else:
-            self.numeric = False
-        if len(self.texts) <= MAX_CLASSES:
-            self.texts.update(y.map(category_text).unique().tolist())
-
-    def settle(self, task: str, name: str) -> tuple[str, list | None]:
-        if task == "auto":
-            few = self.whole and len(self.numbers) <= MAX_CLASSES_FROM_NUMBERS
-            task = "classification" if not self.numeric or few else "regression"
-        if task == "regression":
-            if not self.numeric:
-                raise DataError(f"target {name!r} is not numeric, so it cannot be a regression target")
-            if not self.scaler.var_[0] > 0:
-                raise DataError(f"target {name!r} is constant; there is nothing to learn")
-            return task, None
-        keys = self.numbers if self.numeric else self.texts
-        if len(keys) > MAX_CLASSES:
-            raise DataError(f"target {name!r} has more than {MAX_CLASSES} classes")
-        if len(keys) < 2:
-            raise DataError(f"target {name!r} has a single class; classification needs at least two")
-        self.keys = sorted(keys)
-        return task, [_json_label(k) for k in self.keys]
-
-    def encode(self, y: np.ndarray, task: str) -> np.ndarray:
-        """Class indices (int64), or the raw values (float64) of a regression target."""
-        if task == "regression":
-            return y.astype(np.float64)
-        keys = pd.Series(y).map(category_text) if not self.numeric else y.astype(np.float64)
-        return pd.Index(self.keys).get_indexer(keys).astype(np.int64)
 
 
 class Sample:
@@ -205,25 +99,24 @@ class Scan:
     features: list[str]
     task: str
     classes: list | None
-    target: Target
-    mean: np.ndarray
-    scale: np.ndarray
-    y_mean: float
-    y_scale: float
+    target: Target              # encodes the target column as the network learns it
+    normalizer: Normalizer      # fitted on the training rows
+    y_scaling: StandardScaling  # a regression target's statistics on the training rows
     rows: dict[str, int]
     rows_per_rank: list[int]
     dropped_rows: int
     split: Split | None
 
 
-def scan(cfg, world_size: int = 1) -> Scan:
-    """One pass over the file: features, normalization, target, row counts and samples."""
+def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
+    """One pass over the file: features, the normalizer's statistics, target, row counts and
+    samples."""
     reader = ChunkReader(cfg.data, cfg.chunk_rows)
     first = next(reader.chunks(), None)
     if first is None or first[1].empty:
         raise DataError(f"{cfg.data} has no data rows")
     features = select_features(first[1], cfg.target, cfg.features, cfg.drop)
-    scaler, target = StandardScaler(), Target()
+    target, y_scaling = Target(cfg.target), StandardScaling()
     samples = [Sample(cfg.eval_rows, cfg.seed) for _ in (TRAIN, VALIDATION, TEST)]
     counts, per_rank, dropped = np.zeros(3, int), np.zeros(world_size, int), 0
     bar = tqdm(total=reader.rows, desc="scan (normalization statistics)", unit=" rows",
@@ -231,16 +124,17 @@ def scan(cfg, world_size: int = 1) -> Scan:
     for positions, frame, split, missing_target in labelled_chunks(reader, cfg, features):
         bar.update(len(frame) + missing_target)
         dropped += missing_target
-        X = numeric_features(frame, features, positions)
+        X, y = numeric_features(frame, features, positions), frame[cfg.target]
         train = split == TRAIN
+        target.add(y)
         if train.any():
-            scaler.partial_fit(X[train])
-        target.add(frame[cfg.target], train)
+            normalizer.partial_fit(X[train])
+            if target.numeric and not target.infinite:
+                y_scaling.partial_fit(y.to_numpy(np.float64)[train, None])
         counts += np.bincount(split, minlength=3)
         per_rank += np.bincount(positions[train] % world_size, minlength=world_size)
-        y = frame[cfg.target].to_numpy()
         for s, sample in enumerate(samples):
-            sample.add(positions[split == s], X[split == s], y[split == s])
+            sample.add(positions[split == s], X[split == s], y.to_numpy()[split == s])
     bar.close()
 
     n = int(counts.sum())
@@ -248,14 +142,10 @@ def scan(cfg, world_size: int = 1) -> Scan:
         raise DataError(f"every row's target {cfg.target!r} is missing")
     if counts[TRAIN] < MIN_TRAIN_ROWS or counts[VALIDATION] == 0 or counts[TEST] == 0:
         raise DataError(f"too few rows ({n}) to split into train/validation/test")
-    task, classes = target.settle(cfg.task, cfg.target)
+    task, classes = target.settle(cfg.task)
     arrays = [sample.arrays() for sample in samples]
     split = Split(*(a for X, y in arrays for a in (X, target.encode(y, task))), stratified=False)
-    mean, scale = ((scaler.mean_, scaler.scale_) if cfg.normalize
-                   else (np.zeros(len(features)), np.ones(len(features))))
-    y_mean, y_scale = ((0.0, 1.0) if task == "classification"
-                       else (float(target.scaler.mean_[0]), float(target.scaler.scale_[0])))
-    return Scan([str(f) for f in features], task, classes, target, mean, scale, y_mean, y_scale,
+    return Scan([str(f) for f in features], task, classes, target, normalizer, y_scaling,
                 dict(zip(("train", "validation", "test"), map(int, counts))),
                 per_rank.tolist(), dropped, split)
 
@@ -291,7 +181,7 @@ class ShuffleBuffer:
 
 
 def train_batches(cfg, scan: Scan, rank: int, world_size: int, epoch: int, batch_size: int,
-                  steps: int, device: torch.device):
+                  steps: int, device: torch.device, y_mean: float, y_scale: float):
     """This rank's training batches for one epoch, exactly `steps` of them, read chunk by chunk
     through a shuffle buffer (a new order every epoch). Targets as the network learns them: class
     indices, or the regression target standardized."""
@@ -308,7 +198,7 @@ def train_batches(cfg, scan: Scan, rank: int, world_size: int, epoch: int, batch
         X = numeric_features(frame[mine], scan.features, positions[mine]).astype(np.float32)
         y = scan.target.encode(frame[cfg.target].to_numpy()[mine], scan.task)
         if regression:
-            y = (y - scan.y_mean) / scan.y_scale
+            y = (y - y_mean) / y_scale
         for batch in buffer.add(X, y):
             yield batch
             emitted += 1

@@ -1,0 +1,78 @@
+"""Every change this project makes to BentoML's internals, in one place, for the versions it was
+written against.
+
+`apply()` runs when the service module is imported (in `bentoml serve`'s main process and in each
+worker, before BentoML builds the app). It checks the installed BentoML first: a version outside
+SUPPORTED stops start-up with one line instead of patching code that may have changed.
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from service.middleware import reply
+
+SUPPORTED = ((1, 4), (1, 5))  # BentoML versions from 1.4 (inclusive) to 1.5 (exclusive)
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check_version(version: str) -> str | None:
+    """Why this BentoML version cannot be patched, or None if it can."""
+    low, high = SUPPORTED
+    if low <= _release(version) < high:
+        return None
+    return (f"BentoML {version} is installed, but service/bentoml_patches.py was written for "
+            f"{low[0]}.{low[1]} <= version < {high[0]}.{high[1]}; install bentoml>={low[0]}.{low[1]},"
+            f"<{high[0]}.{high[1]} (pyproject.toml)")
+
+
+def apply() -> None:
+    import bentoml
+    if problem := check_version(bentoml.__version__):
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    cancel_request_timers()
+
+
+def cancel_request_timers() -> None:
+    """Replace BentoML 1.4's TimeoutMiddleware, which arms a timer per request and never cancels
+    it: the timer holds the request's context (tracing span included) until it fires, so memory
+    grows with request rate x timeout. It also waits out the whole timeout when the app fails
+    before responding. This one waits for whichever comes first (the response starting, the app
+    finishing, the timeout) and keeps nothing afterwards. BentoML looks the class up when it
+    builds the app, after the service module is imported."""
+    from bentoml._internal.server.http import traffic
+
+    class PromptTimeoutMiddleware(traffic.TimeoutMiddleware):
+        async def __call__(self, scope, receive, send):
+            if scope["type"] not in ("http", "websocket"):
+                return await self.app(scope, receive, send)
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def wake(_=None):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            async def _send(message):
+                wake()
+                await send(message)
+
+            timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+            task = asyncio.ensure_future(self.app(scope, receive, _send))
+            task.add_done_callback(wake)  # an app that fails before responding wakes us at once
+            try:
+                await waiter
+            except asyncio.TimeoutError:
+                if task.cancel():
+                    await reply(send, 504, f"not able to process the request in {self.timeout} s")
+                return
+            finally:
+                timer.cancel()
+            await task  # finishes the response, or re-raises the app's error
+
+    traffic.TimeoutMiddleware = PromptTimeoutMiddleware

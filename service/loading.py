@@ -1,0 +1,100 @@
+"""Finding the model to serve and opening it: checked once per process, at import.
+
+An exit here, in the process `bentoml serve` starts from, stops the server with the reason; a
+worker that failed instead would be restarted by BentoML forever.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import bentoml
+
+from training.contract import (MODALITY_METADATA, OUTPUTS, PIPELINE_LABEL, REQUIRED_METADATA,
+                               decode_metadata)
+
+
+def fail(message: str):
+    """Stop start-up with one line (an exception here would make BentoML restart workers forever)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def packaged_model() -> str | None:
+    """In a built Bento (<bento>/src/service/service.py), the model it was built with."""
+    bento_yaml = Path(__file__).resolve().parents[2] / "bento.yaml"
+    if not bento_yaml.is_file():
+        return None
+    import yaml
+    info = yaml.safe_load(bento_yaml.read_text())
+    models = [m["tag"] for svc in info.get("services", []) for m in svc.get("models", [])]
+    return models[0] if models else None
+
+
+def resolve_model_tag() -> str:
+    """MODEL_TAG if set; else, in a built Bento, its own model; else the newest model that
+    `python -m training.fit` saved in the store."""
+    if tag := os.environ.get("MODEL_TAG") or packaged_model():
+        try:
+            return str(bentoml.models.get(tag).tag)
+        except bentoml.exceptions.NotFound:
+            fail(f"MODEL_TAG={tag} is not in the BentoML model store; `bentoml models list` shows "
+                 "what is there")
+    ours = [m for m in bentoml.models.list() if m.info.labels.get("pipeline") == PIPELINE_LABEL]
+    if not ours:
+        fail("no trained model in the BentoML model store; run `python -m training.fit` first")
+    return str(max(ours, key=lambda m: m.info.creation_time).tag)
+
+
+def check_card(path: Path, tag: str) -> dict:
+    """The model's card, and proof that model.onnx is the file the card describes."""
+    card_path = path.with_name("card.json")
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"{tag}: cannot read {card_path}: {e}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "(no file)"
+    if digest != card.get("onnx_sha256"):
+        fail(f"{tag}: model.onnx does not match its card (sha256 {digest[:12]}..., card says "
+             f"{str(card.get('onnx_sha256'))[:12]}...): the file is damaged or was altered")
+    return card
+
+
+def inputs_match_card(session, card: dict) -> str | None:
+    """What differs between the graph's inputs and the card, if anything."""
+    got = {i.name: i.shape[1:] for i in session.get_inputs()}
+    if card.get("columns"):
+        expected = {c["name"]: [1] for c in card["columns"]}
+    elif card.get("image"):
+        im = card["image"]
+        expected = {card["input"]: [im["channels"], im["height"], im["width"]]}
+    else:
+        expected = {card["input"]: [len(card["feature_names"])]}
+    return None if got == expected else f"graph inputs {got} but the card describes {expected}"
+
+
+def open_model(tag: str, threads: int = 1):
+    """An onnxruntime session and the model's metadata, or a one-line exit saying what is wrong."""
+    import onnxruntime as ort
+    path = bentoml.models.get(tag).path_of("model.onnx")
+    card = check_card(Path(path), tag)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        meta = decode_metadata(session.get_modelmeta().custom_metadata_map)
+    except Exception as e:
+        fail(f"{tag}: cannot load {path}: {str(e).strip().splitlines()[0]}")
+    required = REQUIRED_METADATA + MODALITY_METADATA.get(meta.get("modality"), ())
+    if missing := [k for k in required if k not in meta]:
+        fail(f"{tag}: model.onnx lacks metadata {', '.join(missing)}; "
+             "was it exported by `python -m training.fit`?")
+    if meta["task"] not in OUTPUTS or meta["modality"] not in MODALITY_METADATA:
+        fail(f"{tag}: unknown task or modality in the model metadata")
+    if problem := inputs_match_card(session, card):
+        fail(f"{tag}: model.onnx does not fit its card: {problem}")
+    return session, meta

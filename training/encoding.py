@@ -1,0 +1,83 @@
+"""Mixed tables (text categories, missing values): imputing and one-hot encoding as a scikit-learn
+ColumnTransformer fitted on the training split, exported with skl2onnx into the same ONNX graph as
+the network. (Scaling the numeric columns is the normalizer's job: training/normalize.py.)
+
+Numeric columns: a missing value -> the training median. Categorical columns (text; a missing
+value is its own category, ""): one-hot over the training categories; a category never seen in
+training is all zeros, not an error. The output has the numeric columns first, then the one-hot
+columns. The graph takes one input per column, named after it: float32 [batch, 1] (NaN = missing)
+or string [batch, 1].
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.preprocessing import OneHotEncoder
+
+
+def names(columns: list[dict], kind: str) -> list[str]:
+    return [c["name"] for c in columns if c["type"] == kind]
+
+
+def fit_encoder(frame: pd.DataFrame, columns: list[dict]) -> ColumnTransformer:
+    """Fitted on the rows given (the training split) only."""
+    numeric = SimpleImputer(strategy="median")
+    categorical = OneHotEncoder(handle_unknown="ignore", sparse_output=False, dtype=np.float64)
+    steps = [("numeric", numeric, names(columns, "numeric")),
+             ("categorical", categorical, names(columns, "categorical"))]
+    return ColumnTransformer([s for s in steps if s[2]]).fit(frame)
+
+
+def transform(pre: ColumnTransformer, frame: pd.DataFrame) -> np.ndarray:
+    return np.asarray(pre.transform(frame), dtype=np.float32)
+
+
+def column_feeds(frame: pd.DataFrame, columns: list[dict]) -> dict[str, np.ndarray]:
+    """The graph's inputs for the rows of a frame: one [n, 1] array per column."""
+    return {c["name"]: (frame[[c["name"]]].to_numpy(np.float32) if c["type"] == "numeric"
+                        else frame[[c["name"]]].to_numpy(str).astype(object))
+            for c in columns}
+
+
+def learned(pre: ColumnTransformer, columns: list[dict]) -> dict[str, dict]:
+    """What was learned from the training split, per column: a median or the categories."""
+    out = {}
+    if "numeric" in pre.named_transformers_:
+        medians = pre.named_transformers_["numeric"].statistics_
+        out.update({name: {"median": float(m)} for name, m in zip(names(columns, "numeric"), medians)})
+    if "categorical" in pre.named_transformers_:
+        categories = pre.named_transformers_["categorical"].categories_
+        out.update({name: {"categories": [str(c) for c in cats]}
+                    for name, cats in zip(names(columns, "categorical"), categories)})
+    return out
+
+
+ENCODED = "encoded"  # the name of the encoder's output inside the joined graph
+
+
+def export_encoder(pre: ColumnTransformer, columns: list[dict], like: onnx.ModelProto) -> onnx.ModelProto:
+    """The fitted encoder as ONNX, at the opset and IR version of `like` (the network's graph),
+    its output renamed so the two graphs can be joined."""
+    from onnx import version_converter
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+    opset = next(o.version for o in like.opset_import if o.domain in ("", "ai.onnx"))
+    types = [(c["name"], FloatTensorType([None, 1]) if c["type"] == "numeric"
+              else StringTensorType([None, 1])) for c in columns]
+    proto = convert_sklearn(pre, initial_types=types, target_opset={"": min(opset, 18), "ai.onnx.ml": 3})
+    proto = version_converter.convert_version(proto, opset)
+    proto.ir_version = like.ir_version
+    proto = onnx.compose.add_prefix(proto, "pre_", rename_inputs=False, rename_outputs=False)
+    old = proto.graph.output[0].name
+    for node in proto.graph.node:
+        node.output[:] = [ENCODED if o == old else o for o in node.output]
+    proto.graph.output[0].name = ENCODED
+    return proto
+
+
+def join(pre: onnx.ModelProto, net: onnx.ModelProto, net_input: str) -> onnx.ModelProto:
+    """One graph: the preprocessor's output feeds the network's input."""
+    return onnx.compose.merge_models(pre, net, io_map=[(pre.graph.output[0].name, net_input)])

@@ -1,0 +1,199 @@
+"""Input normalizers, one per input kind, each in scikit-learn's shape.
+
+`__init__` stores parameters; `fit(X)` (and `partial_fit(X)`, for the streamed path) learns from
+the training split only and returns self; what is learned ends in `_`. Each normalizer then says
+what it is (`metadata()`, for the card and the ONNX metadata) and gives the piece of the exported
+graph that applies it (`module()`, in front of the network), so the service never re-implements
+it. `encode(X)` is what the network is fed during training: the raw inputs, except for mixed
+tables, whose text columns are one-hot encoded (training/encoding.py) before the network.
+
+    numeric table   StandardScaling, NoScaling        float [rows, features]
+    mixed table     MixedColumns(<numeric normalizer>) one column each, numbers and text
+    images          ChannelStats, NoScaling           uint8 [images, channels, height, width]
+
+A new normalizer is one class here plus its entry in NORMALIZERS.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from training import encoding
+
+
+class Standardize(nn.Module):
+    """(x - mean) / scale with fixed statistics: buffers, so they export as graph constants. Per
+    feature of [rows, features], or per channel of [images, channels, height, width]."""
+
+    def __init__(self, mean, scale, per_channel: bool = False):
+        super().__init__()
+        shape = (-1, 1, 1) if per_channel else (-1,)
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(shape))
+        self.register_buffer("scale", torch.as_tensor(np.asarray(scale), dtype=torch.float32).reshape(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
+
+class FirstColumns(nn.Module):
+    """Applies `inner` to the first `n` columns and passes the others through (mixed tables: the
+    numeric columns come first, then the one-hot columns)."""
+
+    def __init__(self, inner: nn.Module, n: int):
+        super().__init__()
+        self.inner, self.n = inner, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n == x.shape[1]:
+            return self.inner(x)
+        return torch.cat([self.inner(x[:, :self.n]), x[:, self.n:]], dim=1)
+
+
+class Normalizer:
+    """What every normalizer shares: by default the network takes the raw inputs, and the exported
+    graph is the network's own, fed the raw inputs under its input name."""
+    name: str
+
+    def encode(self, X):
+        return X
+
+    def graph(self, net, net_input: str):
+        return net
+
+    def feeds(self, X, input_name: str) -> dict[str, np.ndarray]:
+        return {input_name: X if X.dtype == np.uint8 else X.astype(np.float32)}
+
+
+class StandardScaling(Normalizer):
+    """(x - mean) / std per feature, scikit-learn's StandardScaler (ddof=0; a constant feature
+    gets scale 1). partial_fit over chunks gives the statistics fit gives on the whole."""
+    name = "standard"
+
+    def __init__(self):
+        from sklearn.preprocessing import StandardScaler
+        self.scaler = StandardScaler()
+
+    def fit(self, X: np.ndarray) -> StandardScaling:
+        self.scaler.fit(X)
+        return self._learned()
+
+    def partial_fit(self, X: np.ndarray) -> StandardScaling:
+        self.scaler.partial_fit(X)
+        return self._learned()
+
+    def _learned(self) -> StandardScaling:
+        self.mean_, self.scale_ = self.scaler.mean_, self.scaler.scale_
+        return self
+
+    def per_feature(self) -> list[dict]:
+        return [{"mean": float(m), "scale": float(s)} for m, s in zip(self.mean_, self.scale_)]
+
+    def metadata(self) -> dict:
+        return {"normalization": {"method": self.name, "enabled": True, "mean": self.mean_.tolist(),
+                                  "scale": self.scale_.tolist()}}
+
+    def module(self) -> nn.Module:
+        return Standardize(self.mean_, self.scale_)
+
+
+class NoScaling(Normalizer):
+    """The identity, for ablation: mean 0, scale 1, so the graph keeps its shape."""
+    name = "none"
+
+    def fit(self, X: np.ndarray) -> NoScaling:
+        self.image_ = np.ndim(X) == 4
+        self.mean_, self.scale_ = np.zeros(np.shape(X)[1]), np.ones(np.shape(X)[1])
+        return self
+
+    partial_fit = fit
+
+    def per_feature(self) -> list[dict]:
+        return [{"mean": 0.0, "scale": 1.0} for _ in self.mean_]
+
+    def metadata(self) -> dict:
+        spread = "std" if self.image_ else "scale"
+        pixels = {"pixel_scale": "1/255"} if self.image_ else {}
+        return {"normalization": {"method": self.name, "enabled": False, "mean": self.mean_.tolist(),
+                                  spread: self.scale_.tolist(), **pixels}}
+
+    def module(self) -> nn.Module:
+        return Standardize(self.mean_, self.scale_, per_channel=self.image_)
+
+
+class ChannelStats(Normalizer):
+    """Per-channel mean and standard deviation (population, ddof=0) of uint8 training images on the
+    0..1 scale; a constant channel gets std 1. Applied by torchvision's Normalize."""
+    name = "standard"
+
+    def fit(self, images: np.ndarray) -> ChannelStats:
+        x = images.astype(np.float64) / 255.0
+        std = x.std(axis=(0, 2, 3))
+        self.mean_, self.std_ = x.mean(axis=(0, 2, 3)), np.where(std > 0, std, 1.0)
+        return self
+
+    def metadata(self) -> dict:
+        return {"normalization": {"method": self.name, "enabled": True, "mean": self.mean_.tolist(),
+                                  "std": self.std_.tolist(),
+                                  "pixel_scale": "1/255, then (x - mean) / std"}}
+
+    def module(self) -> nn.Module:
+        from torchvision.transforms import v2
+        return v2.Normalize([float(m) for m in self.mean_], [float(s) for s in self.std_])
+
+
+class MixedColumns(Normalizer):
+    """Mixed tables (text categories, missing values): numeric columns get the training median for
+    a missing value, then `numeric` (a numeric-table normalizer); text columns are one-hot over
+    the training categories (a missing value is its own category, ""; a category never seen in
+    training is all zeros). Imputing and encoding run in the graph as scikit-learn converted by
+    skl2onnx; the numeric normalizer runs in front of the network like a numeric table's."""
+
+    def __init__(self, numeric, columns: list[dict]):
+        self.numeric, self.columns = numeric, columns
+
+    def fit(self, frame) -> MixedColumns:
+        self.encoder_ = encoding.fit_encoder(frame, self.columns)
+        self.n_numeric_ = len(encoding.names(self.columns, "numeric"))
+        if self.n_numeric_:
+            self.numeric.fit(self.encode(frame)[:, :self.n_numeric_])
+        return self
+
+    def encode(self, frame) -> np.ndarray:
+        return encoding.transform(self.encoder_, frame)
+
+    def metadata(self) -> dict:
+        numeric = iter(self.numeric.per_feature() if self.n_numeric_ else [])
+        learned = encoding.learned(self.encoder_, self.columns)
+        columns = [{**c, **learned[c["name"]], **(next(numeric) if c["type"] == "numeric" else {})}
+                   for c in self.columns]
+        return {"columns": columns, "normalization": {
+            "method": self.numeric.name, "enabled": self.numeric.name != "none",
+            "per_column": "see columns: numeric -> training median for missing values, then "
+                          f"{self.numeric.name} scaling ((x - mean) / scale); categorical -> "
+                          "one-hot over the training categories, unseen -> all zeros"}}
+
+    def module(self) -> nn.Module:
+        return FirstColumns(self.numeric.module() if self.n_numeric_ else nn.Identity(),
+                            self.n_numeric_)
+
+    def graph(self, net, net_input: str):
+        """The network's ONNX graph with the imputing and encoding in front of it."""
+        return encoding.join(encoding.export_encoder(self.encoder_, self.columns, like=net),
+                             net, net_input)
+
+    def feeds(self, frame, input_name: str) -> dict[str, np.ndarray]:
+        return encoding.column_feeds(frame, self.columns)
+
+
+# method -> the normalizer for numeric tables and for images; mixed tables wrap the numeric one.
+NORMALIZERS = {"standard": (StandardScaling, ChannelStats), "none": (NoScaling, NoScaling)}
+
+
+def make_normalizer(method: str, modality: str, columns: list[dict] | None = None):
+    """An unfitted normalizer for this kind of input."""
+    numeric, image = NORMALIZERS[method]
+    if modality == "image":
+        return image()
+    return MixedColumns(numeric(), columns) if modality == "mixed" else numeric()
+

@@ -1,0 +1,93 @@
+"""What a run says about its model: the metadata inside the ONNX file, the card beside it, and the
+summary printed at the end.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import platform
+
+import numpy as np
+
+from training import drift
+from training.contract import INPUTS, OUTPUTS, SCHEMA_VERSION
+from training.engine import monitor
+
+
+def library_versions() -> dict[str, str]:
+    import onnx
+    import sklearn
+    import torch
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "scikit-learn": sklearn.__version__, "numpy": np.__version__}
+
+
+def model_metadata(cfg, data, trained, metrics: dict) -> dict:
+    """What the ONNX file says about itself (training/contract.py)."""
+    table = data.table
+    image = table.modality == "image"
+    return {
+        "schema_version": SCHEMA_VERSION, "name": cfg.model_name, "version": trained.version,
+        "model": f"{cfg.model_name}:{trained.version}", "task": table.task, "modality": table.modality,
+        "input": INPUTS[table.modality], "outputs": OUTPUTS[table.task],
+        "feature_names": table.feature_names, "classes": table.classes,
+        "image": {"channels": int(table.X.shape[1]), "height": int(table.X.shape[2]),
+                  "width": int(table.X.shape[3]), "resize": table.resize} if image else None,
+        "columns": None,
+        **data.normalizer.metadata(),  # "normalization", and for mixed tables "columns"
+        "target_normalization": (None if table.task == "classification"
+                                 else {"mean": data.y_mean, "scale": data.y_scale}),
+        "metrics": metrics,
+        # What the service compares live inputs with (training/drift.py): the raw training split,
+        # or, streamed, its uniform sample.
+        "drift": drift.profile(data.split.X_train, table.modality, table.feature_names, table.columns),
+        "versions": library_versions(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def card(cfg, data, trained, metadata: dict, parity: dict) -> dict:
+    """The card written beside model.onnx: the metadata, plus how the model was made."""
+    split, progress = data.split, trained.progress
+    streamed = {"metrics_on_sample_rows": {"train": len(split.y_train), "validation": len(split.y_val),
+                                           "test": len(split.y_test)}} if cfg.stream else None
+    return {**metadata, "source": data.table.source, "rows": data.rows,
+            "dropped_rows_missing_target": data.table.dropped_rows, "stratified": split.stratified,
+            "training": {"epochs_run": len(progress.history), "best_epoch": progress.best_epoch,
+                         "stopped_early": trained.stopped_early, "seconds": round(progress.elapsed, 3),
+                         "device": trained.device, "resumed": trained.resumed,
+                         "distributed": trained.distributed, "streamed": streamed},
+            "parity": parity, "config": cfg.to_dict(), "history": progress.history}
+
+
+def summary(card: dict, model_dir, tag: str | None) -> str:
+    """The table printed at the end of a run."""
+    c, t = card, card["training"]
+    metric = monitor(c["task"])[0]
+    what = (f"{len(c['classes'])} classes" if c["classes"] else "regression")
+    inputs = (f"{c['image']['channels']}x{c['image']['height']}x{c['image']['width']} images"
+              if c["image"] else f"{len(c['feature_names'])} features")
+    rows = [
+        ("data", f"{c['source']}  ({sum(c['rows'].values())} rows, {inputs}, {c['task']}, {what})"),
+        ("split", f"train {c['rows']['train']} / validation {c['rows']['validation']} / "
+                  f"test {c['rows']['test']}"),
+        ("epochs", f"{t['epochs_run']} (best {t['best_epoch']}"
+                   f"{', stopped early' if t['stopped_early'] else ''})"),
+        ("time", f"{t['seconds']:.1f} s training, {c['total_seconds']:.1f} s in all, on {t['device']}"),
+    ]
+    if d := t.get("distributed"):
+        rows.append(("processes", f"{d['world_size']} ranks ({d['backend']}), {d['batch_per_rank']} "
+                                  "rows per rank per step"))
+    if streamed := t.get("streamed"):
+        rows.append(("streamed", "metrics on uniform samples of "
+                     + " / ".join(map(str, streamed["metrics_on_sample_rows"].values())) + " rows"))
+    extra = ["mae", "r2"] if metric == "rmse" else []
+    for split_name in ("validation", "test"):
+        m = c["metrics"][split_name]
+        rows.append((f"{split_name} {metric}", f"{m[metric]:.4f}"
+                     + "".join(f"   {k} {m[k]:.4f}" for k in extra) + f"   loss {m['loss']:.4f}"))
+    rows += [("onnx parity", f"max |onnx - torch| = {c['parity']['max_abs_diff']:.2e} "
+                             f"over {c['parity']['rows']} test inputs"),
+             ("model", str(model_dir)),
+             ("bentoml tag", tag or "(not saved: --no-store)")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
