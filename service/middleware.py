@@ -93,7 +93,7 @@ class FastPredict:
         self.answers.update(dict.fromkeys(NPY_TYPES, npy))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != self.route or scope["method"] != "POST":
+        if not _posted_to(scope, self.route):
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
         if body is None:
@@ -105,6 +105,10 @@ class FastPredict:
                                           "send JSON (application/json) or a NumPy array "
                                           "(application/x-npy)")
         await send_json(send, *self.answers[kind](body))
+
+
+def _posted_to(scope, route: str) -> bool:
+    return scope["type"] == "http" and scope["path"] == route and scope["method"] == "POST"
 
 
 def _content_type(scope) -> bytes:
@@ -123,7 +127,7 @@ class UploadGuard:
         self.app, self.route, self.field = app, route, field
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != self.route or scope["method"] != "POST":
+        if not _posted_to(scope, self.route):
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
         if body is None:

@@ -203,6 +203,34 @@ def test_serves_the_newest_model_without_model_tag(tmp_path, csv_path):
     assert out.stdout.strip().splitlines()[-1] == newest.tag
 
 
+def test_the_api_method_answers_in_process_as_the_http_route_does(server, classifier):
+    """Over HTTP the fast path answers POST /predict; the @bentoml.api method serves in-process
+    callers (bentoml.depends, tests) with the same scorer: the same answers and the same errors."""
+    good, bad = classifier.data.split.X_test[:3].tolist(), [[1.0, 2.0]]
+    code = ("import asyncio, json, service.service as s\n"
+            "p = s.Predictor()\n"
+            f"for rows in ({good!r}, {bad!r}):\n"
+            "    r = asyncio.run(p.predict(instances=rows))\n"
+            "    print(json.dumps([r.status_code, json.loads(r.body)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "MODEL_TAG": classifier.tag})
+    assert out.returncode == 0, out.stderr
+    in_process = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
+    over_http = [list(request(server + "/predict", {"instances": rows})) for rows in (good, bad)]
+    assert in_process == over_http
+    assert over_http[0][0] == 200 and over_http[1][0] == 400
+
+
+def test_an_unsupported_bentoml_version_stops_start_up_in_one_line(classifier):
+    code = "import bentoml; bentoml.__version__ = '1.5.2'; import service.service"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "MODEL_TAG": classifier.tag})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: BentoML 1.5.2 is installed, but service/bentoml_patches.py was written for "
+        "1.4 <= version < 1.5; install bentoml>=1.4,<1.5 (pyproject.toml)"]
+
+
 def test_bentoml_build_packages_the_model_and_serves_it(classifier, tmp_path, csv_path):
     env = {**os.environ, "MODEL_TAG": classifier.tag}
     build = subprocess.run(["bentoml", "build", "--output", "tag"], cwd=ROOT, env=env,

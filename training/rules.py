@@ -77,12 +77,12 @@ class Target:
             if finite.any():
                 self.low, self.high = min(self.low, v[finite].min()), max(self.high, v[finite].max())
         elif self.numeric:  # the first chunk that is not numbers: every value seen so far is text
-            self.numeric, self.values = False, {_text(v): json_label(v) for v in self.values}
+            self.numeric, self.values = False, {_text(v): _text(v) for v in self.values}
         if len(self.values) <= MAX_CLASSES:
             if self.numeric:
                 self.values.update(np.unique(y.to_numpy(np.float64)).tolist())
             else:
-                self.values.update({_text(v): json_label(v) for v in y.unique()})
+                self.values.update({_text(v): _label(v) for v in y.unique()})
         return self
 
     def infer_task(self) -> str:
@@ -122,3 +122,8 @@ class Target:
 def _text(value) -> str:
     """A non-numeric label as text; True and "True" are one class."""
     return value if isinstance(value, str) else str(json_label(value))
+
+
+def _label(value):
+    """A non-numeric label as the class list shows it: booleans stay booleans, the rest is text."""
+    return bool(value) if isinstance(value, (bool, np.bool_)) else _text(value)
