@@ -48,4 +48,6 @@ def example(meta: dict) -> list:
     if meta.get("columns"):
         return [{c["name"]: round(c["median"], 4) if c["type"] == "numeric" else c["categories"][-1]
                  for c in meta["columns"]}]
-    return [[round(m, 4) for m in meta["normalization"]["mean"]]]
+    # The training means, from the drift profile where the model has one.
+    means = {f["name"]: f["mean"] for f in (meta.get("drift") or {}).get("features", [])}
+    return [[round(means.get(name, 0.0), 4) for name in meta["feature_names"]]]

@@ -1,4 +1,6 @@
 """Mixed tables: text categories and missing values, learned on the training split, inside the graph."""
+import json
+
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
@@ -165,3 +167,35 @@ def test_bentoml_python_client_sends_mixed_records(mixed_server, mixed_model):
     with bentoml.SyncHTTPClient(mixed_server) as client:
         answer = client.predict(instances=rows)
     assert answer == request(mixed_server + "/predict", {"instances": rows})[1]
+
+
+def test_near_unique_text_is_left_out_and_rare_categories_are_pooled(tmp_path, capsys):
+    """An e-mail column (all distinct) is dropped with a notice unless forced; a 1,500-category
+    column keeps only categories with enough training rows, so the width stays bounded."""
+    from training.encoding import MAX_CATEGORIES, MIN_CATEGORY_ROWS
+    from training.fit import main
+    n, rng = 3000, np.random.default_rng(5)
+    frame = penguins(n)
+    frame["email"] = [f"user{i}@example.org" for i in range(n)]
+    shares = 1 / np.arange(1, 1501)
+    frame["city"] = rng.choice([f"city-{i}" for i in range(1500)], n, p=shares / shares.sum())
+    path = tmp_path / "wide.csv"
+    frame.to_csv(path, index=False)
+    args = ["--data", str(path), "--target", "species", "--epochs", "2", "--no-progress", "--no-store",
+            "--hidden", "16"]
+    assert main(args + ["--models-dir", str(tmp_path / "a")]) == 0
+    assert "note: dropped near-unique text column(s) email" in capsys.readouterr().err
+    card = json.loads(next((tmp_path / "a").rglob("card.json")).read_text())
+    columns = {c["name"]: c for c in card["columns"]}
+    assert "email" not in columns and 5 < len(columns["city"]["categories"]) <= MAX_CATEGORIES
+    counts = frame["city"].value_counts()  # the training split's counts are at most these
+    assert all(counts[c] >= MIN_CATEGORY_ROWS for c in columns["city"]["categories"])
+    session = ort.InferenceSession(str(next((tmp_path / "a").rglob("model.onnx"))))
+    assert "email" not in {i.name for i in session.get_inputs()}
+
+    assert main(args + ["--models-dir", str(tmp_path / "b"), "--categorical", "email,year"]) == 0
+    card = json.loads(next((tmp_path / "b").rglob("card.json")).read_text())
+    email = next(c for c in card["columns"] if c["name"] == "email")
+    assert len(email["categories"]) == 1  # forced in, yet one column: no address repeats 5 times
+    width = sum(1 if c["type"] == "numeric" else len(c["categories"]) for c in card["columns"])
+    assert width <= 2 + 3 * 4 + 1 + MAX_CATEGORIES

@@ -7,8 +7,8 @@ import torch
 from conftest import make_frame
 from test_mixed import penguins
 from training.data import to_table
-from training.normalize import (NORMALIZERS, ChannelStats, MixedColumns, NoScaling, StandardScaling,
-                                make_normalizer)
+from training.normalize import (NORMALIZERS, ChannelStats, MixedColumns, NoScaling, QuantileNormal,
+                                RobustScaling, StandardScaling, make_normalizer)
 from training.rules import DataError, Target
 
 
@@ -22,8 +22,9 @@ def apply(normalizer, X) -> np.ndarray:
         return normalizer.module()(torch.as_tensor(X, dtype=torch.float32)).numpy()
 
 
-@pytest.mark.parametrize("method", list(NORMALIZERS))
-@pytest.mark.parametrize("modality", ["table", "image", "mixed"])
+@pytest.mark.parametrize("method, modality", [(m, kind) for m, (_, image) in NORMALIZERS.items()
+                                               for kind in ("table", "mixed", "image")
+                                               if image or kind != "image"])
 def test_every_normalizer_has_the_scikit_learn_shape(method, modality):
     """__init__ learns nothing; fit returns self; what is learned ends in `_`; the metadata says
     which method it is."""
@@ -126,3 +127,97 @@ def test_target_problems_are_named(values, task, message):
 def test_in_memory_classes_are_sorted_labels():
     table = to_table(make_frame(), "label", None, "auto", "t")
     assert table.classes == ["approved", "declined"] and set(table.y) == {0, 1}
+
+
+def outlier_rows(n=300, seed=0) -> np.ndarray:
+    """Skewed, discrete, constant and outlier-ridden features."""
+    rng = np.random.default_rng(seed)
+    X = np.column_stack([rng.lognormal(10, 1.5, n), rng.integers(0, 3, n).astype(float),
+                         np.full(n, 2.0), rng.normal(0, 1, n)])
+    X[:5, 3] = [1e6, -1e6, 5e4, 3e3, -8e5]
+    return X
+
+
+def test_robust_scaling_centres_on_the_median_and_clips_outliers_smoothly():
+    X = outlier_rows()
+    fitted = RobustScaling().fit(X)
+    q1, median, q3 = np.quantile(X, [0.25, 0.5, 0.75], axis=0)
+    np.testing.assert_allclose(fitted.center_, median)
+    np.testing.assert_allclose(fitted.scale_[[0, 3]], (q3 - q1)[[0, 3]])
+    assert fitted.scale_[2] == 1.0                           # constant: scale 1
+    out = apply(fitted, X)
+    assert np.abs(out).max() <= 3.0 and out[0, 3] > 2.99     # outliers end at the bound
+    z = (X[5:, 3] - median[3]) / (q3 - q1)[3]                 # ordinary rows: nearly unclipped
+    np.testing.assert_allclose(out[5:, 3], z / np.sqrt(1 + (z / 3) ** 2), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(RobustScaling().fit(outlier_rows(seed=1)).center_, fitted.center_)
+
+
+def test_quantile_normal_maps_training_rows_to_normal_scores():
+    from sklearn.preprocessing import QuantileTransformer
+    X = outlier_rows(2000)
+    fitted = QuantileNormal().fit(X)
+    out = apply(fitted, X)
+    assert np.abs(out).max() < 3.2 and np.isfinite(out).all()
+    for j in (0, 3):  # continuous: a standard normal, in the training rows' order
+        assert abs(out[:, j].mean()) < 0.02 and abs(out[:, j].std() - 1) < 0.05
+        assert (np.argsort(np.argsort(out[:, j], kind="stable")) ==
+                np.argsort(np.argsort(X[:, j], kind="stable"))).mean() > 0.99
+        reference = QuantileTransformer(output_distribution="normal", n_quantiles=1000).fit(X)
+        inner = (X[:, j] > np.quantile(X[:, j], 0.05)) & (X[:, j] < np.quantile(X[:, j], 0.95))
+        np.testing.assert_allclose(out[inner, j], reference.transform(X)[inner, j], atol=0.05)
+    assert len(np.unique(out[:, 1])) == 3 and np.allclose(out[:, 2], out[0, 2])  # discrete, constant
+
+
+@pytest.mark.parametrize("method", ["robust", "quantile"])
+def test_table_normalizers_travel_in_the_graph_with_parity_on_outliers_and_gaps(method, tmp_path):
+    import onnxruntime as ort
+    from conftest import quick_config
+    from training.fit import run
+    from training.encoding import column_feeds
+    path = tmp_path / "outliers.csv"
+    frame = make_frame(n=400)
+    frame.loc[:3, "income"] = [1e9, -1e9, 4e8, 0.0]
+    frame.to_csv(path, index=False)
+    result = run(quick_config(tmp_path, data=str(path), target="label", normalizer=method, store=False))
+    assert result.card["normalization"]["method"] == method and result.card["parity"]["max_abs_diff"] < 1e-4
+    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
+    X = frame.drop(columns="label").to_numpy(np.float32).copy()
+    X[4] = [3e38, -3e38, 1e30, -1e30]  # far outside anything seen in training
+    with torch.no_grad():
+        expected = torch.softmax(result.trained.net.eval()(torch.from_numpy(X)), -1).numpy()
+    np.testing.assert_allclose(session.run(["probabilities"], {"features": X})[0], expected, atol=1e-5)
+
+    mixed_path = tmp_path / "mixed.csv"
+    penguins().to_csv(mixed_path, index=False)
+    mixed = run(quick_config(tmp_path, data=str(mixed_path), target="species", normalizer=method,
+                             store=False))
+    assert mixed.card["parity"]["max_abs_diff"] < 1e-4
+    numeric = [c for c in mixed.card["columns"] if c["type"] == "numeric"]
+    assert all(("center" in c) if method == "robust" else ("knots" in c) for c in numeric)
+    frame = mixed.data.split.X_test.head(20).copy()
+    frame.loc[0, "bill"], frame.loc[1, "mass"] = np.nan, 1e12  # a gap, an outlier
+    session = ort.InferenceSession(str(mixed.model_dir / "model.onnx"))
+    encoded = torch.from_numpy(mixed.data.normalizer.encode(frame))
+    with torch.no_grad():
+        expected = torch.softmax(mixed.trained.net.eval()(encoded), -1).numpy()
+    got = session.run(["probabilities"], column_feeds(frame, mixed.data.table.columns))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_quantile_normalizer_streams_by_fitting_the_training_sample(tmp_path):
+    from conftest import quick_config
+    from training import stream
+    path = tmp_path / "s.csv"
+    make_frame(n=1200, seed=2).to_csv(path, index=False)
+    cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100,
+                       normalizer="quantile")
+    s = stream.scan(cfg, QuantileNormal())
+    reference = QuantileNormal().fit(s.split.X_train)
+    for a, b in zip(s.normalizer.knots_, reference.knots_):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_images_refuse_a_tables_only_normalizer():
+    from training.config import ConfigError, make_config
+    with pytest.raises(ConfigError, match="--normalizer robust is for tables; images take standard or none"):
+        make_config({"dataset": "digits-images", "normalizer": "robust"})

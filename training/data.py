@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 from training.contract import category_text
 from training.files import read_table
 from training.rules import (MIN_TRAIN_ROWS, DataError, DataNote, Target, check_float32, count,
-                            is_number_column, json_label, names)
+                            is_near_unique, is_number_column, json_label, names)
 
 
 @dataclass
@@ -143,6 +143,13 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
         raise DataError(f"too few rows ({len(frame)}) to train on; need at least {MIN_TRAIN_ROWS + 2}")
 
     types = column_types(frame, features, categorical, numeric)
+    if texts := [c for c in features if types[c] == "categorical" and c not in (categorical or ())
+                 and is_near_unique(frame[c])]:
+        warnings.warn(f"dropped near-unique text column(s) {', '.join(map(str, texts))}: most values "
+                      "are distinct, nothing to learn as categories (keep with --categorical)", DataNote)
+        features = [c for c in features if c not in texts]
+        if not features:
+            raise DataError("no feature columns left: every feature is a near-unique text column")
     numbers = [c for c in features if types[c] == "numeric"]
     X_num = frame[numbers].apply(pd.to_numeric).to_numpy(dtype=np.float64)
     if (inf := np.isinf(X_num).sum(axis=0)).any():

@@ -3,8 +3,8 @@ ColumnTransformer fitted on the training split, exported with skl2onnx into the 
 the network. (Scaling the numeric columns is the normalizer's job: training/normalize.py.)
 
 Numeric columns: a missing value -> the training median. Categorical columns (text; a missing
-value is its own category, ""): one-hot over the training categories; a category never seen in
-training is all zeros, not an error. The output has the numeric columns first, then the one-hot
+value is its own category, ""): one-hot over the training categories that have enough rows; a
+rare category, or one never seen in training, is all zeros, not an error. The output has the numeric columns first, then the one-hot
 columns. The graph takes one input per column, named after it: float32 [batch, 1] (NaN = missing)
 or string [batch, 1].
 """
@@ -22,10 +22,23 @@ def names(columns: list[dict], kind: str) -> list[str]:
     return [c["name"] for c in columns if c["type"] == kind]
 
 
+# A column's categories get a one-hot column each when they have at least MIN_CATEGORY_ROWS training
+# rows, at most MAX_CATEGORIES per column (the most frequent); rarer ones are pooled with the
+# unseen ones as all zeros. The width stays bounded whatever the cardinality.
+MIN_CATEGORY_ROWS, MAX_CATEGORIES = 5, 100
+
+
+def kept_categories(values: pd.Series) -> list[str]:
+    counts = values.value_counts()
+    kept = counts[counts >= MIN_CATEGORY_ROWS].index[:MAX_CATEGORIES]
+    return sorted(kept if len(kept) else counts.index[:1])
+
+
 def fit_encoder(frame: pd.DataFrame, columns: list[dict]) -> ColumnTransformer:
     """Fitted on the rows given (the training split) only."""
     numeric = SimpleImputer(strategy="median")
-    categorical = OneHotEncoder(handle_unknown="ignore", sparse_output=False, dtype=np.float64)
+    categorical = OneHotEncoder(categories=[kept_categories(frame[c]) for c in names(columns, "categorical")],
+                                handle_unknown="ignore", sparse_output=False, dtype=np.float64)
     steps = [("numeric", numeric, names(columns, "numeric")),
              ("categorical", categorical, names(columns, "categorical"))]
     return ColumnTransformer([s for s in steps if s[2]]).fit(frame)

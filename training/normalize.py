@@ -7,9 +7,10 @@ graph that applies it (`module()`, in front of the network), so the service neve
 it. `encode(X)` is what the network is fed during training: the raw inputs, except for mixed
 tables, whose text columns are one-hot encoded (training/encoding.py) before the network.
 
-    numeric table   StandardScaling, NoScaling        float [rows, features]
-    mixed table     MixedColumns(<numeric normalizer>) one column each, numbers and text
-    images          ChannelStats, NoScaling           uint8 [images, channels, height, width]
+    numeric table   StandardScaling, RobustScaling,      float [rows, features]
+                    QuantileNormal, NoScaling
+    mixed table     MixedColumns(<numeric normalizer>)   one column each, numbers and text
+    images          ChannelStats, NoScaling              uint8 [images, channels, height, width]
 
 A new normalizer is one class here plus its entry in NORMALIZERS.
 """
@@ -121,6 +122,111 @@ class NoScaling(Normalizer):
         return Standardize(self.mean_, self.scale_, per_channel=self.image_)
 
 
+class SmoothClip(nn.Module):
+    """x / sqrt(1 + (x / bound)^2): about x near 0, tending to +-bound far out (RealMLP)."""
+
+    def __init__(self, bound: float):
+        super().__init__()
+        self.bound = float(bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / torch.sqrt(1 + (x / self.bound) ** 2)
+
+
+class RobustScaling(Normalizer):
+    """(x - median) / interquartile range per feature, then smooth clipping of outliers to about
+    +-`clip` (RealMLP's robust scaling). A feature whose quartiles coincide is scaled by half its
+    range; a constant one by 1. Quantiles need every training row at once: the streamed path fits
+    it on its uniform sample of the training split (--eval-rows)."""
+    name = "robust"
+
+    def __init__(self, clip: float = 3.0):
+        self.clip = clip
+
+    def fit(self, X: np.ndarray) -> RobustScaling:
+        X = np.asarray(X, dtype=np.float64)
+        q1, median, q3 = np.quantile(X, [0.25, 0.5, 0.75], axis=0)
+        half_range = (X.max(axis=0) - X.min(axis=0)) / 2
+        self.center_ = median
+        self.scale_ = np.where(q3 > q1, q3 - q1, np.where(half_range > 0, half_range, 1.0))
+        return self
+
+    def per_feature(self) -> list[dict]:
+        return [{"center": float(c), "scale": float(s)} for c, s in zip(self.center_, self.scale_)]
+
+    def metadata(self) -> dict:
+        return {"normalization": {"method": self.name, "enabled": True, "center": self.center_.tolist(),
+                                  "scale": self.scale_.tolist(), "clip": self.clip}}
+
+    def module(self) -> nn.Module:
+        return nn.Sequential(Standardize(self.center_, self.scale_), SmoothClip(self.clip))
+
+
+class PiecewiseLinear(nn.Module):
+    """Per feature, a piecewise-linear map through knots (x_k, y_k), flat beyond the first and last
+    knot. Segment s of feature f starts at start[f, s] with width[f, s] (> 0), value y0[f, s] and
+    rise dy[f, s]; a value's segment is the number of the feature's inner knots at or below it
+    (`inner`, padded with +inf). In ONNX: a comparison, a sum, Gathers and arithmetic."""
+
+    def __init__(self, inner, start, width, y0, dy):
+        super().__init__()
+        for name, value in (("inner", inner), ("start", start), ("width", width), ("y0", y0), ("dy", dy)):
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
+        segments = self.start.shape[1]
+        self.register_buffer("offset", torch.arange(self.start.shape[0]) * segments)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        segment = (x.unsqueeze(-1) >= self.inner).sum(-1) + self.offset  # [rows, features]
+        start, width = self.start.flatten()[segment], self.width.flatten()[segment]
+        t = torch.clamp((x - start) / width, 0.0, 1.0)
+        return self.y0.flatten()[segment] + t * self.dy.flatten()[segment]
+
+
+class QuantileNormal(Normalizer):
+    """Each feature through its training quantiles to a standard normal score: a piecewise-linear
+    map through `n_quantiles` knots (the training quantile at level (k + 0.5) / n, and the normal
+    score of that level), flat beyond the outer knots (about +-3 sd). Tied knots (a discrete
+    feature) become one knot with their mean score. scikit-learn's QuantileTransformer cannot be
+    converted by skl2onnx; this map is plain graph arithmetic. Quantiles need every training row
+    at once: the streamed path fits it on its uniform sample of the training split (--eval-rows)."""
+    name = "quantile"
+
+    def __init__(self, n_quantiles: int = 128):
+        self.n_quantiles = n_quantiles
+
+    def fit(self, X: np.ndarray) -> QuantileNormal:
+        from scipy.special import ndtri
+        X = np.asarray(X, dtype=np.float64)
+        n = max(1, min(self.n_quantiles, len(X)))
+        levels = (np.arange(n) + 0.5) / n
+        quantiles, scores = np.quantile(X, levels, axis=0), ndtri(levels)
+        self.knots_, self.scores_ = [], []
+        for column in quantiles.T:  # ties: one knot, the mean score of the tied levels
+            knots, group = np.unique(column, return_inverse=True)
+            self.knots_.append(knots)
+            self.scores_.append(np.bincount(group, scores) / np.bincount(group))
+        return self
+
+    def per_feature(self) -> list[dict]:
+        return [{"knots": k.tolist(), "scores": s.tolist()} for k, s in zip(self.knots_, self.scores_)]
+
+    def metadata(self) -> dict:
+        return {"normalization": {"method": self.name, "enabled": True,
+                                  "n_quantiles": self.n_quantiles, "features": self.per_feature()}}
+
+    def module(self) -> nn.Module:
+        segments = max(max(len(k) for k in self.knots_) - 1, 1)
+        shape = (len(self.knots_), segments)
+        start, width, y0, dy = np.zeros(shape), np.ones(shape), np.zeros(shape), np.zeros(shape)
+        inner = np.full((shape[0], max(segments - 1, 1)), np.inf)
+        for f, (k, s) in enumerate(zip(self.knots_, self.scores_)):
+            m = len(k) - 1  # real segments; beyond them, flat at the last score
+            start[f], y0[f] = k[-1], s[-1]
+            start[f, :m], width[f, :m], y0[f, :m], dy[f, :m] = k[:-1], np.diff(k), s[:-1], np.diff(s)
+            inner[f, :max(m - 1, 0)] = k[1:-1]
+        return PiecewiseLinear(inner, start, width, y0, dy)
+
+
 class ChannelStats(Normalizer):
     """Per-channel mean and standard deviation (population, ddof=0) of uint8 training images on the
     0..1 scale; a constant channel gets std 1. Applied by torchvision's Normalize."""
@@ -145,8 +251,8 @@ class ChannelStats(Normalizer):
 class MixedColumns(Normalizer):
     """Mixed tables (text categories, missing values): numeric columns get the training median for
     a missing value, then `numeric` (a numeric-table normalizer); text columns are one-hot over
-    the training categories (a missing value is its own category, ""; a category never seen in
-    training is all zeros). Imputing and encoding run in the graph as scikit-learn converted by
+    the training categories (a missing value is its own category, ""; a rare category, or one
+    never seen in training, is all zeros: training/encoding.py). Imputing and encoding run in the graph as scikit-learn converted by
     skl2onnx; the numeric normalizer runs in front of the network like a numeric table's."""
 
     def __init__(self, numeric, columns: list[dict]):
@@ -170,8 +276,9 @@ class MixedColumns(Normalizer):
         return {"columns": columns, "normalization": {
             "method": self.numeric.name, "enabled": self.numeric.name != "none",
             "per_column": "see columns: numeric -> training median for missing values, then "
-                          f"{self.numeric.name} scaling ((x - mean) / scale); categorical -> "
-                          "one-hot over the training categories, unseen -> all zeros"}}
+                          f"{self.numeric.name} scaling; categorical -> one-hot over the training "
+                          f"categories with at least {encoding.MIN_CATEGORY_ROWS} rows (at most "
+                          f"{encoding.MAX_CATEGORIES}), rarer or unseen ones -> all zeros"}}
 
     def module(self) -> nn.Module:
         return FirstColumns(self.numeric.module() if self.n_numeric_ else nn.Identity(),
@@ -186,8 +293,10 @@ class MixedColumns(Normalizer):
         return encoding.column_feeds(frame, self.columns)
 
 
-# method -> the normalizer for numeric tables and for images; mixed tables wrap the numeric one.
-NORMALIZERS = {"standard": (StandardScaling, ChannelStats), "none": (NoScaling, NoScaling)}
+# method -> the normalizer for numeric tables and for images (None: tables only); mixed tables
+# wrap the numeric one.
+NORMALIZERS = {"standard": (StandardScaling, ChannelStats), "none": (NoScaling, NoScaling),
+               "robust": (RobustScaling, None), "quantile": (QuantileNormal, None)}
 
 
 def make_normalizer(method: str, modality: str, columns: list[dict] | None = None):

@@ -13,6 +13,9 @@ MAX_CLASSES_FROM_NUMBERS = 20  # an integer-valued target with more distinct val
 MAX_CLASSES = 1000             # more distinct labels than this is not a classification target
 MIN_TRAIN_ROWS = 10  # fewer cannot fit a network, nor give BatchNorm meaningful batch statistics
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# A text column whose values are nearly all distinct (e-mails, names, free text) cannot be learned
+# from as categories: more distinct values than this share of the rows (and than NEAR_UNIQUE_MIN).
+NEAR_UNIQUE_SHARE, NEAR_UNIQUE_MIN = 0.5, 20
 
 
 class DataError(ValueError):
@@ -48,6 +51,11 @@ def check_float32(X: np.ndarray) -> None:
     """Feature values the network can compute with (NaN, a missing value, passes)."""
     if len(X) and np.nanmax(np.abs(X), initial=0) > FLOAT32_MAX:
         raise DataError("feature values exceed the float32 range the model computes in")
+
+
+def is_near_unique(values: pd.Series) -> bool:
+    distinct = values.nunique(dropna=True)
+    return distinct > NEAR_UNIQUE_MIN and distinct > NEAR_UNIQUE_SHARE * len(values)
 
 
 def is_number_column(values: pd.Series) -> bool:

