@@ -22,6 +22,8 @@ class Progress:
     best_epoch: int = 0
     best_state: dict | None = None          # and its weights, on the CPU
     elapsed: float = 0.0                    # training seconds so far
+    lr: float | None = None                 # the peak learning rate (--lr, or what --lr auto chose)
+    lr_sweep: dict | None = None            # --lr auto: the range test (lr_finder.Sweep.to_dict)
 
 
 @dataclass

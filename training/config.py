@@ -64,7 +64,8 @@ class Config:
     augment: bool = _opt(False, "light random shifts and rotations of training images (images)")
     dropout: float = _opt(0.0, "dropout after each hidden block (0 = none)")
     optimizer: str = _opt("adamw", "optimizer", choices=("adamw", "sgd"))
-    lr: float = _opt(1e-2, "learning rate (the peak rate for one-cycle)")
+    lr: float | str = _opt(1e-2, "learning rate (the peak rate for one-cycle), or auto: a learning-rate "
+                                 "range test before training picks it (lr_find.png)")
     momentum: float = _opt(0.0, "momentum, for --optimizer sgd")
     weight_decay: float = _opt(1e-4, "weight decay")
     scheduler: str = _opt("onecycle", "learning-rate schedule", choices=SCHEDULERS)
@@ -104,7 +105,7 @@ class Config:
                             (self.hidden and min(self.hidden) >= 1, "--hidden widths must be >= 1"),
                             (self.channels and min(self.channels) >= 1, "--channels must be >= 1"),
                             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
-                            (self.lr > 0, "--lr must be positive"),
+                            (self.lr == "auto" or self.lr > 0, "--lr must be positive, or auto"),
                             (self.patience >= 0, "--patience must be >= 0"),
                             (min(self.chunk_rows, self.shuffle_rows, self.eval_rows) >= 1,
                              "--chunk-rows, --shuffle-rows and --eval-rows must be >= 1")]:
@@ -139,6 +140,16 @@ def _list_of(kind):
     return parse
 
 
+def rate(value) -> float | str:
+    """A learning rate: a number, or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number or auto, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.fit",
@@ -152,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
             kw["help"] += f" (default: {f.default})"
         else:
-            kw["type"] = {"int": int, "float": float, "int | None": int, "list[int]": _list_of(int),
+            kw["type"] = {"int": int, "float": float, "float | str": rate, "int | None": int,
+                          "list[int]": _list_of(int),
                           "list[str] | None": _list_of(str)}.get(f.type, str)
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
@@ -198,7 +210,7 @@ def make_config(values: dict[str, Any]) -> Config:
         if isinstance(values.get(key), str):
             values[key] = _list_of(str)(values[key])
     for f in dataclasses.fields(Config):
-        caster = {"int": int, "float": float}.get(f.type)
+        caster = {"int": int, "float": float, "float | str": rate}.get(f.type)
         if caster and f.name in values:
             try:
                 values[f.name] = caster(values[f.name])

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from training import stream
+from training import lr_finder, stream
 from training.batches import shuffled_batches, steps_per_epoch
 from training.checkpoint import Checkpoint, Progress, checkpoint_path, resume
 from training.config import ConfigError
@@ -174,11 +174,16 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> Trained | 
     if steps == 0:
         raise DataError("too few training rows for one batch on every rank")
 
-    optimizer = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay,
+    progress = state.progress if state else Progress(lr=cfg.lr)
+    if progress.lr == "auto":  # rank 0 sweeps; every rank trains at the rate it found
+        progress.lr_sweep = world.share(lambda: range_test(cfg, net, batches, task, generator))
+        progress.lr = progress.lr_sweep["suggestion"]
+    optimizer = make_optimizer(model.parameters(), cfg.optimizer, progress.lr, cfg.weight_decay,
                                cfg.momentum)
     metric, higher = monitor(task)
-    schedule = LRSchedule(cfg.scheduler, optimizer, cfg.lr, cfg.epochs, steps, cfg.patience, higher)
-    progress = state.restore(net, optimizer, schedule, generator) if state else Progress()
+    schedule = LRSchedule(cfg.scheduler, optimizer, progress.lr, cfg.epochs, steps, cfg.patience, higher)
+    if state:
+        state.restore(net, optimizer, schedule, generator)
     path = checkpoint_path(cfg) if checkpoints and world.main else None  # rank 0 writes
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +220,18 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> Trained | 
     best.load_state_dict(progress.best_state)
     return Trained(best.eval(), version, progress, stopped_early, str(device), state is not None,
                    world.describe(batch_size))
+
+
+def range_test(cfg, net: nn.Module, batches, task: str, generator: torch.Generator) -> dict:
+    """--lr auto: the learning-rate range test on the first epoch's batches. The batch order and
+    torch's random state are put back afterwards, so training goes on as it would have."""
+    rng, order = torch.get_rng_state(), generator.get_state()
+    result = lr_finder.sweep(
+        net, batches(0), loss_fn(task),
+        lambda params, lr: make_optimizer(params, cfg.optimizer, lr, cfg.weight_decay, cfg.momentum))
+    torch.set_rng_state(rng)
+    generator.set_state(order)
+    return result.to_dict()
 
 
 def tensors(data: Data, split: str, device) -> list[torch.Tensor]:

@@ -120,10 +120,10 @@ def plot_curves(history: list[dict], metric: str, path: Path) -> None:
 
 
 def write_artifacts(out_dir: Path, proto: onnx.ModelProto, card: dict, config_yaml: str,
-                    history: list[dict], metric: str) -> dict:
-    """Write model.onnx, card.json, config.yaml and curves.png into a temporary folder beside
-    out_dir, then rename it: a crash leaves no half-written model. Returns the card as written
-    (with the sha256 of model.onnx)."""
+                    plots: dict) -> dict:
+    """Write model.onnx, card.json, config.yaml and the plots (file name -> a function drawing
+    into a path) into a temporary folder beside out_dir, then rename it: a crash leaves no
+    half-written model. Returns the card as written (with the sha256 of model.onnx)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -133,7 +133,8 @@ def write_artifacts(out_dir: Path, proto: onnx.ModelProto, card: dict, config_ya
         card = {**card, "onnx_sha256": sha256(tmp / "model.onnx")}
         (tmp / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         (tmp / "config.yaml").write_text(config_yaml)
-        plot_curves(history, metric, tmp / "curves.png")
+        for name, draw in plots.items():
+            draw(tmp / name)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,8 +55,7 @@ def run(cfg: Config) -> Result | None:
 
     out_dir = Path(cfg.models_dir) / cfg.model_name / trained.version
     card = write_artifacts(out_dir, proto, report.card(cfg, data, trained, metadata, parity),
-                           yaml.safe_dump(cfg.to_dict(), sort_keys=False), trained.progress.history,
-                           engine.monitor(data.table.task)[0])
+                           yaml.safe_dump(cfg.to_dict(), sort_keys=False), report.plots(data, trained))
     tag = save_to_bentoml(out_dir, cfg.model_name, trained.version, data.table.task) if cfg.store else None
     checkpoint_path(cfg).unlink(missing_ok=True)  # the run is complete; nothing is left to resume
     card["total_seconds"] = round(time.perf_counter() - started, 2)

@@ -54,9 +54,21 @@ def card(cfg, data, trained, metadata: dict, parity: dict) -> dict:
             "dropped_rows_missing_target": data.table.dropped_rows, "stratified": split.stratified,
             "training": {"epochs_run": len(progress.history), "best_epoch": progress.best_epoch,
                          "stopped_early": trained.stopped_early, "seconds": round(progress.elapsed, 3),
-                         "device": trained.device, "resumed": trained.resumed,
+                         "device": trained.device, "resumed": trained.resumed, "lr": progress.lr,
+                         "lr_find": progress.lr_sweep,
                          "distributed": trained.distributed, "streamed": streamed},
             "parity": parity, "config": cfg.to_dict(), "history": progress.history}
+
+
+def plots(data, trained) -> dict:
+    """The PNGs written beside the model: file name -> a function that draws into a path."""
+    from training import lr_finder
+    from training.export import plot_curves
+    history, metric = trained.progress.history, monitor(data.table.task)[0]
+    drawn = {"curves.png": lambda path: plot_curves(history, metric, path)}
+    if sweep := trained.progress.lr_sweep:
+        drawn["lr_find.png"] = lambda path: lr_finder.plot(sweep, path)
+    return drawn
 
 
 def summary(card: dict, model_dir, tag: str | None) -> str:
@@ -72,6 +84,9 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
                   f"test {c['rows']['test']}"),
         ("epochs", f"{t['epochs_run']} (best {t['best_epoch']}"
                    f"{', stopped early' if t['stopped_early'] else ''})"),
+        ("learning rate", f"{t['lr']:.3g}" + (f" (--lr auto: {t['lr_find']['rule']} of a range test "
+                                              f"over {t['lr_find']['steps']} steps, lr_find.png)"
+                                              if t.get("lr_find") else "")),
         ("time", f"{t['seconds']:.1f} s training, {c['total_seconds']:.1f} s in all, on {t['device']}"),
     ]
     if d := t.get("distributed"):
