@@ -145,7 +145,7 @@ def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str
                  settings: dict) -> dict:
     """In process, no export: the trained PyTorch network scores the raw holdout rows."""
     import torch
-    from training import engine
+    from training import ensemble
     from training.config import make_config
     from training.contract import category_text
     from training.data import to_table
@@ -157,7 +157,7 @@ def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str
     table = to_table(train.reset_index(drop=True), target, None, task, "bench")
     world = World()
     data = prepare(cfg, world, table)
-    trained = engine.train(cfg, data, world, checkpoints=False)
+    trained = ensemble.train(cfg, data, world, checkpoints=False)
     if table.columns:
         raw = pd.DataFrame({c["name"]: (pd.to_numeric(test[c["name"]], errors="coerce").astype(float)
                                         if c["type"] == "numeric" else test[c["name"]].map(category_text))

@@ -268,3 +268,34 @@ def test_degenerate_but_valid_data_trains(tmp_path, capsys):
     assert card["normalization"]["scale"][1] == 1.0 and card["classes"] == ["no", "rare", "yes"]
     assert card["rows"]["train"] % 83 == 1 and not card["stratified"]  # 84 = 83 + a batch of 1
     assert "not stratified" in capsys.readouterr().err
+
+
+def test_an_ensemble_exports_the_average_of_its_members(tmp_path, csv_path):
+    import numpy as np
+    import onnxruntime as ort
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", ensemble=2, store=False))
+    members = result.trained.net.members
+    assert len(members) == 2 and [m["seed"] for m in result.card["training"]["members"]] == [0, 1]
+    X = result.data.split.X_test.astype(np.float32)
+    with torch.no_grad():
+        logits = [m.eval()(torch.from_numpy(X)) for m in members]
+        expected = torch.softmax((logits[0] + logits[1]) / 2, -1).numpy()
+    assert not torch.allclose(logits[0], logits[1])  # two different networks
+    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
+    np.testing.assert_allclose(session.run(["probabilities"], {"features": X})[0], expected, atol=1e-5)
+
+
+def test_refit_trains_on_training_and_validation_rows_for_the_best_epoch_count(tmp_path, csv_path):
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", epochs=12, patience=4,
+                              refit=True, store=False))
+    t = result.card["training"]
+    assert t["refit"]["rows"] == result.card["rows"]["train"] + result.card["rows"]["validation"]
+    assert "not held out" in t["refit"]["note"] and t["members"][0]["best_epoch"] == t["best_epoch"]
+    assert result.card["metrics"]["test"]["accuracy"] > 0.85
+    plain = run(quick_config(tmp_path, data=str(csv_path), target="label", epochs=12, patience=4,
+                             store=False))
+    assert plain.card["training"]["best_epoch"] == t["best_epoch"]  # the same first training
+    weights = "body.0.weight"  # the first Linear layer: trained again, on more rows
+    assert not torch.equal(plain.trained.net.state_dict()[weights], result.trained.net.state_dict()[weights])
+    with pytest.raises(ConfigError, match="--refit needs an in-memory run"):
+        quick_config(tmp_path, data=str(csv_path), target="label", refit=True, stream=True)

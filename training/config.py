@@ -72,6 +72,9 @@ class Config:
     epochs: int = _opt(60, "maximum number of epochs")
     batch_size: int = _opt(64, "rows per optimizer step")
     patience: int = _opt(15, "stop after this many epochs without a better validation metric (0 = never)")
+    ensemble: int = _opt(1, "train this many networks (seeds seed, seed+1, ...) and export their average")
+    refit: bool = _opt(False, "after early stopping, train again on training + validation rows for the "
+                              "best epoch count")
     # run
     device: str = _opt("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     name: str | None = _opt(None, "model name (default: the dataset or file name)")
@@ -107,6 +110,11 @@ class Config:
                             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
                             (self.lr == "auto" or self.lr > 0, "--lr must be positive, or auto"),
                             (self.patience >= 0, "--patience must be >= 0"),
+                            (self.ensemble >= 1, "--ensemble must be at least 1"),
+                            (not (self.refit and self.stream), "--refit needs an in-memory run "
+                                                               "(without --stream)"),
+                            (not (self.resume and (self.ensemble > 1 or self.refit)),
+                             "--resume continues single-network runs (no --ensemble, --refit)"),
                             (min(self.chunk_rows, self.shuffle_rows, self.eval_rows) >= 1,
                              "--chunk-rows, --shuffle-rows and --eval-rows must be >= 1")]:
             if not ok:
@@ -127,8 +135,8 @@ class Config:
 RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric", "drop", "images",
                 "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
                 "hidden", "channels", "augment", "dropout", "optimizer", "lr", "momentum",
-                "weight_decay", "scheduler", "epochs", "batch_size", "stream", "chunk_rows",
-                "shuffle_rows")
+                "weight_decay", "scheduler", "epochs", "batch_size", "ensemble", "refit", "stream",
+                "chunk_rows", "shuffle_rows")
 
 
 def _list_of(kind):

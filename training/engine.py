@@ -140,12 +140,16 @@ class Trained:
     device: str
     resumed: bool
     distributed: dict | None  # under torchrun: world size, backend, batch per rank
+    members: list[dict] | None = None  # --ensemble / --refit: each member's seed and epochs
+    refit: bool = False       # trained again on train + validation (training/ensemble.py)
 
 
-def train(cfg, data: Data, world: World, checkpoints: bool = True) -> Trained | None:
+def train(cfg, data: Data, world: World, checkpoints: bool = True,
+          epochs: int | None = None) -> Trained | None:
     """Train with early stopping (a checkpoint after every epoch, unless `checkpoints` is False)
-    and restore the best epoch's weights. Under torchrun every rank trains its shard; rank 0
-    gets the result, the other ranks None."""
+    and restore the best epoch's weights; or, given `epochs`, train exactly that many epochs of
+    the cfg.epochs schedule and keep the last weights (a refit). Under torchrun every rank trains
+    its shard; rank 0 gets the result, the other ranks None."""
     if cfg.batch_size < 2 * world.size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch: it needs at least 2 "
                           f"rows for each of the {world.size} ranks (BatchNorm)")
@@ -188,9 +192,9 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> Trained | 
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
     started, elapsed_before = time.perf_counter(), progress.elapsed
-    bar = tqdm(range(progress.epoch, cfg.epochs), desc=f"train {cfg.model_name}", unit="epoch",
-               initial=progress.epoch, total=cfg.epochs, disable=not (cfg.progress and world.main),
-               file=sys.stderr)
+    bar = tqdm(range(progress.epoch, epochs or cfg.epochs), desc=f"train {cfg.model_name}",
+               unit="epoch", initial=progress.epoch, total=epochs or cfg.epochs,
+               disable=not (cfg.progress and world.main), file=sys.stderr)
     stopped_early = False
     for epoch in bar:
         lr = optimizer.param_groups[0]["lr"]
@@ -202,12 +206,13 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> Trained | 
         progress.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                                  f"val_{metric}": val[metric], "lr": lr,
                                  "seconds": round(progress.elapsed, 4)})
-        if is_better(val, progress.best, task):
+        if is_better(val, progress.best, task) or epoch + 1 == epochs:
             progress.best, progress.best_epoch = val, epoch + 1
             progress.best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         bar.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val[metric]:.4f}"},
                         lr=f"{lr:.2e}")
-        stopped_early = bool(cfg.patience and epoch + 1 - progress.best_epoch >= cfg.patience)
+        stopped_early = bool(cfg.patience and not epochs
+                             and epoch + 1 - progress.best_epoch >= cfg.patience)
         if path:
             Checkpoint.capture(cfg, world.size, version, progress, net, optimizer, schedule,
                                generator).save(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from training import dataset, engine, report
+from training import dataset, engine, ensemble, report
 from training.checkpoint import checkpoint_path
 from training.config import Config, ConfigError, load_config
 from training.dataset import Data
@@ -41,7 +41,7 @@ def run(cfg: Config) -> Result | None:
     world = World.start(cfg.device)
     try:
         data = dataset.prepare(cfg, world)         # the normalizer is fitted on the training split
-        trained = engine.train(cfg, data, world)
+        trained = ensemble.train(cfg, data, world)  # engine.train, once per --ensemble member
     finally:
         world.close()
     if trained is None:

@@ -55,7 +55,11 @@ def card(cfg, data, trained, metadata: dict, parity: dict) -> dict:
             "training": {"epochs_run": len(progress.history), "best_epoch": progress.best_epoch,
                          "stopped_early": trained.stopped_early, "seconds": round(progress.elapsed, 3),
                          "device": trained.device, "resumed": trained.resumed, "lr": progress.lr,
-                         "lr_find": progress.lr_sweep,
+                         "lr_find": progress.lr_sweep, "members": trained.members,
+                         "refit": ({"note": "trained again on training + validation rows: the "
+                                    "validation metrics are not held out", "rows":
+                                    data.rows["train"] + data.rows["validation"]}
+                                   if trained.refit else None),
                          "distributed": trained.distributed, "streamed": streamed},
             "parity": parity, "config": cfg.to_dict(), "history": progress.history}
 
@@ -89,6 +93,10 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
                                               if t.get("lr_find") else "")),
         ("time", f"{t['seconds']:.1f} s training, {c['total_seconds']:.1f} s in all, on {t['device']}"),
     ]
+    if members := t.get("members"):
+        rows.append(("networks", f"{len(members)} averaged (best epochs "
+                     + ", ".join(str(m["best_epoch"]) for m in members) + ")"
+                     + (", refitted on training + validation rows" if t.get("refit") else "")))
     if d := t.get("distributed"):
         rows.append(("processes", f"{d['world_size']} ranks ({d['backend']}), {d['batch_per_rank']} "
                                   "rows per rank per step"))
