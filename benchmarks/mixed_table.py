@@ -2,9 +2,12 @@
 
     python -m benchmarks.mixed_table --rows 60000 --out customers.csv
     python -m training.fit --data customers.csv --target churned
+    python -m benchmarks.mixed_table --rows 30000 --high-cardinality --out wide.csv
 
 Columns: a customer id (dropped by training as a row id), numbers with missing values, text
-categories with missing values, and a churn label that depends on both.
+categories with missing values, and a churn label that depends on both. With --high-cardinality
+also an e-mail address per customer (near-unique: left out by training) and a postcode of 3,000
+(Zipf-distributed shares), whose 30 most common ones carry some of the signal.
 """
 import argparse
 
@@ -12,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 
-def customers(n: int, seed: int = 0) -> pd.DataFrame:
+def customers(n: int, seed: int = 0, high_cardinality: bool = False) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame({
         "customer_id": [f"C{100000 + i}" for i in range(n)],
@@ -30,6 +33,12 @@ def customers(n: int, seed: int = 0) -> pd.DataFrame:
              - 0.8 * (frame.plan == "pro") + 0.5 * (frame.device == "web")
              - 0.4 * np.log(frame.income.fillna(50_000) / 50_000)
              + 0.3 * frame.region.isin(["region-3", "region-7"]) - 0.5)
+    if high_cardinality:
+        shares = 1 / np.arange(1, 3001)
+        postcode = rng.choice(3000, n, p=shares / shares.sum())
+        frame["email"] = [f"customer{i}.{rng.integers(1e6)}@example.org" for i in range(n)]
+        frame["postcode"] = [f"PC-{p:04d}" for p in postcode]
+        logit = logit + 0.8 * ((postcode < 30) & (postcode % 3 == 0))
     frame["churned"] = np.where(rng.random(n) < 1 / (1 + np.exp(-logit)), "yes", "no")
     return frame
 
@@ -39,6 +48,8 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=60_000)
     parser.add_argument("--out", default="customers.csv")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--high-cardinality", action="store_true",
+                        help="add an e-mail column and a 3,000-category postcode column")
     args = parser.parse_args()
-    customers(args.rows, args.seed).to_csv(args.out, index=False)
+    customers(args.rows, args.seed, args.high_cardinality).to_csv(args.out, index=False)
     print(f"wrote {args.rows} rows to {args.out}")

@@ -50,7 +50,7 @@ def quick_config(tmp_path, **overrides):
 def classifier(csv_path, tmp_path_factory):
     """One trained classifier shared by the export, parity and serving tests."""
     tmp = tmp_path_factory.mktemp("clf")
-    return run(quick_config(tmp, data=str(csv_path), target="label", epochs=12))
+    return run(quick_config(tmp, data=str(csv_path), target="label", epochs=12, normalizer="standard"))
 
 
 @pytest.fixture(scope="session")
@@ -58,12 +58,12 @@ def regressor(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reg")
     path = tmp / "prices.csv"
     make_frame(task="regression", seed=1).to_csv(path, index=False)
-    return run(quick_config(tmp, data=str(path), target="label", epochs=12))
+    return run(quick_config(tmp, data=str(path), target="label", epochs=12, normalizer="standard"))
 
 
 def torch_reference(result, X):
     """What the trained PyTorch model in eval mode gives for raw rows, normalized with the
-    training statistics (applied here by hand, independently of the graph)."""
+    training statistics (applied here by hand, independently of the graph; --normalizer standard)."""
     card, net = result.card, result.trained.net.eval()
     mean = np.asarray(card["normalization"]["mean"])
     scale = np.asarray(card["normalization"]["scale"])

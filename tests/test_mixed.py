@@ -48,7 +48,7 @@ def mixed_csv(tmp_path_factory):
 def mixed_model(mixed_csv, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mixedmodel")
     return run(quick_config(tmp, data=str(mixed_csv), target="species", categorical=["year"],
-                            epochs=10))
+                            epochs=10, normalizer="standard"))
 
 
 def odd_rows(result) -> pd.DataFrame:

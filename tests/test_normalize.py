@@ -24,7 +24,7 @@ def apply(normalizer, X) -> np.ndarray:
 
 @pytest.mark.parametrize("method, modality", [(m, kind) for m, (_, image) in NORMALIZERS.items()
                                                for kind in ("table", "mixed", "image")
-                                               if image or kind != "image"])
+                                               if (image or kind != "image") and m != "auto"])
 def test_every_normalizer_has_the_scikit_learn_shape(method, modality):
     """__init__ learns nothing; fit returns self; what is learned ends in `_`; the metadata says
     which method it is."""
@@ -38,6 +38,13 @@ def test_every_normalizer_has_the_scikit_learn_shape(method, modality):
     assert [k for k in vars(normalizer) if k.endswith("_")]
     assert normalizer.metadata()["normalization"]["method"] == method
     assert normalizer.metadata()["normalization"]["enabled"] is (method != "none")
+
+
+def test_the_default_is_quantile_for_tables_and_channel_statistics_for_images():
+    columns = [{"name": "a", "type": "numeric"}]
+    assert isinstance(make_normalizer("auto", "table"), QuantileNormal)
+    assert isinstance(make_normalizer("auto", "mixed", columns).numeric, QuantileNormal)
+    assert isinstance(make_normalizer("auto", "image"), ChannelStats)
 
 
 def test_standard_scaling_gives_zero_mean_unit_spread_from_training_rows_only():
@@ -219,5 +226,5 @@ def test_a_quantile_normalizer_streams_by_fitting_the_training_sample(tmp_path):
 
 def test_images_refuse_a_tables_only_normalizer():
     from training.config import ConfigError, make_config
-    with pytest.raises(ConfigError, match="--normalizer robust is for tables; images take standard or none"):
+    with pytest.raises(ConfigError, match="--normalizer robust is for tables; images take auto, standard, none"):
         make_config({"dataset": "digits-images", "normalizer": "robust"})

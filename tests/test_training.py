@@ -78,7 +78,7 @@ def test_last_batch_of_one_row_trains(tmp_path, csv_path):
 
 def test_each_ablation_switch_changes_the_model(tmp_path, csv_path):
     base = dict(data=str(csv_path), target="label", epochs=3, store=False)
-    full = run(quick_config(tmp_path, **base))
+    full = run(quick_config(tmp_path, normalizer="standard", **base))
     assert any(isinstance(m, nn.BatchNorm1d) for m in full.trained.net.modules())
     assert not (full.trained.net.normalize.scale == 1).all()
     no_bn = run(quick_config(tmp_path, batchnorm=False, **base)).trained.net
@@ -263,7 +263,7 @@ def test_degenerate_but_valid_data_trains(tmp_path, capsys):
     path = write(tmp_path / "odd.csv", "\n".join(rows) + "\n")
     models = tmp_path / "models"
     assert main(["--data", str(path), "--target", "label", "--models-dir", str(models), "--epochs", "3",
-                 "--batch-size", "83", "--no-progress", "--no-store"]) == 0
+                 "--batch-size", "83", "--no-progress", "--no-store", "--normalizer", "standard"]) == 0
     card = json.loads(next(models.rglob("card.json")).read_text())
     assert card["normalization"]["scale"][1] == 1.0 and card["classes"] == ["no", "rare", "yes"]
     assert card["rows"]["train"] % 83 == 1 and not card["stratified"]  # 84 = 83 + a batch of 1

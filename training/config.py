@@ -53,11 +53,11 @@ class Config:
     eval_rows: int = _opt(100_000, "--stream: the metrics use a uniform sample of up to this many "
                                    "rows of each split")
     # recipe: each part can be switched off for ablation
-    normalizer: str = _opt("standard", "input normalization fitted on the training split: standard "
-                                       "((x - mean) / std per feature or image channel), robust "
-                                       "(median and IQR, outliers smoothly clipped), quantile (to "
-                                       "normal scores), or none (tables: all four; images: standard "
-                                       "or none)", choices=tuple(NORMALIZERS))
+    normalizer: str = _opt("auto", "input normalization fitted on the training split: quantile (each "
+                                   "feature to normal scores), standard ((x - mean) / std), robust "
+                                   "(median and IQR, outliers smoothly clipped) or none; auto is "
+                                   "quantile for tables and standard (per channel) for images",
+                           choices=tuple(NORMALIZERS))
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
     hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables)")
     channels: list[int] = _opt((32, 64), "comma-separated conv block widths (images)")
@@ -95,7 +95,7 @@ class Config:
         if (self.images or self.dataset == "digits-images" and not self.data) \
                 and NORMALIZERS[self.normalizer][1] is None:
             raise ConfigError(f"--normalizer {self.normalizer} is for tables; images take "
-                              + " or ".join(m for m, (_, image) in NORMALIZERS.items() if image))
+                              + ", ".join(m for m, (_, image) in NORMALIZERS.items() if image))
         if self.stream and not self.data:
             raise ConfigError("--stream reads a --data CSV or Parquet file")
         if self.stream and (self.categorical or self.numeric):

@@ -23,6 +23,18 @@ from training.model import serving_model
 from training.rules import DataError, DataNote
 
 
+class Stopwatch:
+    """Seconds per stage of a run, for the summary (`laps`)."""
+
+    def __init__(self):
+        self.last, self.laps = time.perf_counter(), {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round(now - self.last, 3)
+        self.last = now
+
+
 @dataclass
 class Result:
     model_dir: Path
@@ -37,11 +49,13 @@ def run(cfg: Config) -> Result | None:
     ConfigError or ExportError with a one-line message; on any error nothing is written to
     models/<name>/<version>. Under torchrun, rank 0 exports and returns the result; the other
     ranks return None."""
-    started = time.perf_counter()
+    clock = Stopwatch()
     world = World.start(cfg.device)
     try:
         data = dataset.prepare(cfg, world)         # the normalizer is fitted on the training split
+        clock.lap("data")
         trained = ensemble.train(cfg, data, world)  # engine.train, once per --ensemble member
+        clock.lap("training")
     finally:
         world.close()
     if trained is None:
@@ -52,17 +66,29 @@ def run(cfg: Config) -> Result | None:
     metadata = report.model_metadata(cfg, data, trained, metrics)
     X_test = engine.tensors(data, "test", "cpu")[0]
     proto, parity = export_model(head, data, X_test, metadata)
+    clock.lap("export")
 
     out_dir = Path(cfg.models_dir) / cfg.model_name / trained.version
     card = write_artifacts(out_dir, proto, report.card(cfg, data, trained, metadata, parity),
                            yaml.safe_dump(cfg.to_dict(), sort_keys=False), report.plots(data, trained))
+    clock.lap("write")
     tag = save_to_bentoml(out_dir, cfg.model_name, trained.version, data.table.task) if cfg.store else None
     checkpoint_path(cfg).unlink(missing_ok=True)  # the run is complete; nothing is left to resume
-    card["total_seconds"] = round(time.perf_counter() - started, 2)
+    clock.lap("store")
+    # Not in the written card: the store save comes after it. The summary shows them.
+    card["timings"] = clock.laps
+    card["total_seconds"] = round(sum(clock.laps.values()), 2)
     return Result(out_dir, tag, card, data, trained)
 
 
+def seconds_since_start() -> float:
+    """How long this process has run: Python's start-up and the imports, before main()."""
+    import psutil
+    return time.time() - psutil.Process().create_time()
+
+
 def main(argv: list[str] | None = None) -> int:
+    start_up = seconds_since_start()
     main_rank = World.launched().main  # under torchrun every rank has the same errors and notes
     try:
         cfg = load_config(argv)
@@ -80,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
     if result is not None:
+        result.card["timings"] = {"start-up and imports": round(start_up, 2), **result.card["timings"]}
+        result.card["total_seconds"] = round(sum(result.card["timings"].values()), 2)
         print(report.summary(result.card, result.model_dir, result.tag))
     return 0
 

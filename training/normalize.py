@@ -295,7 +295,8 @@ class MixedColumns(Normalizer):
 
 # method -> the normalizer for numeric tables and for images (None: tables only); mixed tables
 # wrap the numeric one.
-NORMALIZERS = {"standard": (StandardScaling, ChannelStats), "none": (NoScaling, NoScaling),
+NORMALIZERS = {"auto": (QuantileNormal, ChannelStats),  # the default: benchmarks/quality.py chose it
+               "standard": (StandardScaling, ChannelStats), "none": (NoScaling, NoScaling),
                "robust": (RobustScaling, None), "quantile": (QuantileNormal, None)}
 
 

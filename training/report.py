@@ -92,6 +92,7 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
                                               f"over {t['lr_find']['steps']} steps, lr_find.png)"
                                               if t.get("lr_find") else "")),
         ("time", f"{t['seconds']:.1f} s training, {c['total_seconds']:.1f} s in all, on {t['device']}"),
+        ("time split", ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in c["timings"].items())),
     ]
     if members := t.get("members"):
         rows.append(("networks", f"{len(members)} averaged (best epochs "
