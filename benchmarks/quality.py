@@ -120,7 +120,7 @@ def project_cli(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str,
     import onnxruntime as ort
     path = tmp / "train.csv"
     train.to_csv(path, index=False)
-    models = tmp / f"models-{seed}"
+    models = tmp / "models"
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "training.fit", "--data", str(path), "--target", target,
                            "--task", task, "--seed", str(seed), "--no-progress", "--no-store",
@@ -199,19 +199,19 @@ def main() -> None:
     options = [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", v)]
     from training.data import infer_task
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for source, name, target in suite:
-            frame = load(source, name)
-            task = infer_task(frame[target].dropna())
-            for seed in range(args.seeds):
-                train, test = holdout(frame, target, task, seed)
-                base = baselines(train, test, target, task, seed)
+    for source, name, target in suite:
+        frame = load(source, name)
+        task = infer_task(frame[target].dropna())
+        for seed in range(args.seeds):
+            train, test = holdout(frame, target, task, seed)
+            base = baselines(train, test, target, task, seed)
+            with tempfile.TemporaryDirectory() as tmp:  # one model per run
                 ours = (project_fast(train, test, target, task, seed, settings) if args.fast else
                         project_cli(train, test, target, task, seed, options, Path(tmp)))
-                runs.append({"table": name, "task": task, "rows": len(frame), "seed": seed,
-                             "project": ours, **base})
-                print(f"  {name:<15} seed {seed}: project {ours['metric']:.4f} ({ours['seconds']:.1f} s), "
-                      f"hgb {base['hgb']['metric']:.4f}, linear {base['linear']['metric']:.4f}", flush=True)
+            runs.append({"table": name, "task": task, "rows": len(frame), "seed": seed,
+                         "project": ours, **base})
+            print(f"  {name:<15} seed {seed}: project {ours['metric']:.4f} ({ours['seconds']:.1f} s), "
+                  f"hgb {base['hgb']['metric']:.4f}, linear {base['linear']['metric']:.4f}", flush=True)
     summary = summarize(runs)
     print_table(summary, settings, args.fast)
     RESULTS.mkdir(parents=True, exist_ok=True)

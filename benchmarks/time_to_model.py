@@ -29,7 +29,7 @@ def one_run(options: list[str]) -> dict:
         env = {**os.environ, "BENTOML_HOME": tmp, "BENTOML_DO_NOT_TRACK": "true"}
         started = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "training.fit", "--no-progress",
-                               "--models-dir", str(Path(tmp) / "models"), *options],
+                               "--models-dir", str(Path(tmp) / "artifacts"), *options],
                               cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - started
     if proc.returncode != 0:

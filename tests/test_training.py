@@ -299,3 +299,18 @@ def test_refit_trains_on_training_and_validation_rows_for_the_best_epoch_count(t
     assert not torch.equal(plain.trained.net.state_dict()[weights], result.trained.net.state_dict()[weights])
     with pytest.raises(ConfigError, match="--refit needs an in-memory run"):
         quick_config(tmp_path, data=str(csv_path), target="label", refit=True, stream=True)
+
+
+def test_early_stopping_can_watch_the_validation_loss(tmp_path, csv_path):
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", epochs=20, patience=5,
+                              stop_on="loss", lr=0.05, store=False))
+    history = result.card["history"]
+    best = min(history, key=lambda h: h["val_loss"])
+    assert result.card["training"]["best_epoch"] == best["epoch"]
+    assert result.card["metrics"]["validation"]["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+
+
+def test_label_smoothing_keeps_the_training_loss_above_zero_on_confident_answers():
+    logits, y = torch.tensor([[20.0, -20.0]]), torch.tensor([0])
+    assert float(engine.loss_fn("classification")(logits, y)) < 1e-6
+    assert float(engine.loss_fn("classification", label_smoothing=0.1)(logits, y)) > 0.1

@@ -72,6 +72,9 @@ class Config:
     epochs: int = _opt(60, "maximum number of epochs")
     batch_size: int = _opt(64, "rows per optimizer step")
     patience: int = _opt(15, "stop after this many epochs without a better validation metric (0 = never)")
+    stop_on: str = _opt("metric", "early stopping watches the validation metric (accuracy, or RMSE) "
+                                  "or the validation loss", choices=("metric", "loss"))
+    label_smoothing: float = _opt(0.0, "classification: label smoothing of the training loss (0 = none)")
     ensemble: int = _opt(1, "train this many networks (seeds seed, seed+1, ...) and export their average")
     refit: bool = _opt(False, "after early stopping, train again on training + validation rows for the "
                               "best epoch count")
@@ -111,6 +114,7 @@ class Config:
                             (self.lr == "auto" or self.lr > 0, "--lr must be positive, or auto"),
                             (self.patience >= 0, "--patience must be >= 0"),
                             (self.ensemble >= 1, "--ensemble must be at least 1"),
+                            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
                             (not (self.refit and self.stream), "--refit needs an in-memory run "
                                                                "(without --stream)"),
                             (not (self.resume and (self.ensemble > 1 or self.refit)),
@@ -135,8 +139,8 @@ class Config:
 RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric", "drop", "images",
                 "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
                 "hidden", "channels", "augment", "dropout", "optimizer", "lr", "momentum",
-                "weight_decay", "scheduler", "epochs", "batch_size", "ensemble", "refit", "stream",
-                "chunk_rows", "shuffle_rows")
+                "weight_decay", "scheduler", "epochs", "batch_size", "stop_on", "label_smoothing",
+                "ensemble", "refit", "stream", "chunk_rows", "shuffle_rows")
 
 
 def _list_of(kind):
@@ -218,6 +222,11 @@ def make_config(values: dict[str, Any]) -> Config:
         if isinstance(values.get(key), str):
             values[key] = _list_of(str)(values[key])
     for f in dataclasses.fields(Config):
+        if f.type == "bool" and isinstance(values.get(f.name), str):
+            word = values[f.name].strip().lower()
+            if word not in ("true", "false", "yes", "no", "1", "0"):
+                raise ConfigError(f"option {f.name} must be true or false, got {values[f.name]!r}")
+            values[f.name] = word in ("true", "yes", "1")
         caster = {"int": int, "float": float, "float | str": rate}.get(f.type)
         if caster and f.name in values:
             try:

@@ -61,15 +61,17 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, momentum: 
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def loss_fn(task: str):
-    return F.cross_entropy if task == "classification" else lambda out, y: F.mse_loss(out.squeeze(-1), y)
+def loss_fn(task: str, label_smoothing: float = 0.0):
+    if task == "classification":
+        return lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
+    return lambda out, y: F.mse_loss(out.squeeze(-1), y)
 
 
-def train_one_epoch(model: nn.Module, batches, task: str, optimizer,
-                    schedule: LRSchedule) -> tuple[float, int]:
+def train_one_epoch(model: nn.Module, batches, task: str, optimizer, schedule: LRSchedule,
+                    label_smoothing: float = 0.0) -> tuple[float, int]:
     """One pass over (inputs, targets) batches; returns the summed training loss and the rows."""
     model.train()
-    compute_loss = loss_fn(task)
+    compute_loss = loss_fn(task, label_smoothing)
     device = next(model.parameters()).device
     total, rows = torch.zeros((), device=device), 0
     # bf16 autocast on CUDA: no gradient scaler needed, unlike fp16.
@@ -111,11 +113,12 @@ def monitor(task: str) -> tuple[str, bool]:
     return ("accuracy", True) if task == "classification" else ("rmse", False)
 
 
-def is_better(metrics: dict, best: dict | None, task: str) -> bool:
-    """Better on the monitored metric; on a tie (accuracy is coarse), lower validation loss wins."""
+def is_better(metrics: dict, best: dict | None, task: str, stop_on: str = "metric") -> bool:
+    """Better on the monitored metric (or, stop_on="loss", on the validation loss); on a tie
+    (accuracy is coarse), lower validation loss wins."""
     if best is None:
         return True
-    name, higher = monitor(task)
+    name, higher = monitor(task) if stop_on == "metric" else ("loss", False)
     a, b = metrics[name], best[name]
     if a != b:
         return a > b if higher else a < b
@@ -198,7 +201,8 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True,
     stopped_early = False
     for epoch in bar:
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = world.mean(*train_one_epoch(model, batches(epoch), task, optimizer, schedule))
+        train_loss = world.mean(*train_one_epoch(model, batches(epoch), task, optimizer, schedule,
+                                                 cfg.label_smoothing))
         # Rank 0 evaluates and every rank follows its verdict, so all stop at the same epoch.
         val = world.share(lambda: evaluate(net, X_val, y_val, task, data.y_mean, data.y_scale))
         schedule.after_epoch(val[metric])
@@ -206,7 +210,7 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True,
         progress.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                                  f"val_{metric}": val[metric], "lr": lr,
                                  "seconds": round(progress.elapsed, 4)})
-        if is_better(val, progress.best, task) or epoch + 1 == epochs:
+        if is_better(val, progress.best, task, cfg.stop_on) or epoch + 1 == epochs:
             progress.best, progress.best_epoch = val, epoch + 1
             progress.best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         bar.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val[metric]:.4f}"},
@@ -232,7 +236,7 @@ def range_test(cfg, net: nn.Module, batches, task: str, generator: torch.Generat
     torch's random state are put back afterwards, so training goes on as it would have."""
     rng, order = torch.get_rng_state(), generator.get_state()
     result = lr_finder.sweep(
-        net, batches(0), loss_fn(task),
+        net, batches(0), loss_fn(task, cfg.label_smoothing),
         lambda params, lr: make_optimizer(params, cfg.optimizer, lr, cfg.weight_decay, cfg.momentum))
     torch.set_rng_state(rng)
     generator.set_state(order)
