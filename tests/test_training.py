@@ -314,3 +314,19 @@ def test_label_smoothing_keeps_the_training_loss_above_zero_on_confident_answers
     logits, y = torch.tensor([[20.0, -20.0]]), torch.tensor([0])
     assert float(engine.loss_fn("classification")(logits, y)) < 1e-6
     assert float(engine.loss_fn("classification", label_smoothing=0.1)(logits, y)) > 0.1
+
+
+def test_linear_skip_adds_a_linear_model_beside_the_network(tmp_path, csv_path):
+    import numpy as np
+    import onnxruntime as ort
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", linear_skip=True,
+                              store=False))
+    net = result.trained.net.eval()
+    X = torch.from_numpy(result.data.split.X_test.astype(np.float32))
+    with torch.no_grad():
+        z = net.normalize(X)
+        np.testing.assert_allclose(net(X).numpy(), (net.body(z) + net.skip(z)).numpy(), atol=1e-6)
+        expected = torch.softmax(net(X), -1).numpy()
+    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
+    np.testing.assert_allclose(session.run(["probabilities"], {"features": X.numpy()})[0], expected,
+                               atol=1e-5)

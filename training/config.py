@@ -60,6 +60,8 @@ class Config:
                            choices=tuple(NORMALIZERS))
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
     hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables)")
+    linear_skip: bool = _opt(False, "tables: a linear layer from the normalized inputs straight to the "
+                                    "outputs, beside the network")
     channels: list[int] = _opt((32, 64), "comma-separated conv block widths (images)")
     augment: bool = _opt(False, "light random shifts and rotations of training images (images)")
     dropout: float = _opt(0.0, "dropout after each hidden block (0 = none)")
@@ -138,9 +140,9 @@ class Config:
 # Fields that define what is trained: a checkpoint made under other values cannot be resumed.
 RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric", "drop", "images",
                 "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
-                "hidden", "channels", "augment", "dropout", "optimizer", "lr", "momentum",
-                "weight_decay", "scheduler", "epochs", "batch_size", "stop_on", "label_smoothing",
-                "ensemble", "refit", "stream", "chunk_rows", "shuffle_rows")
+                "hidden", "linear_skip", "channels", "augment", "dropout", "optimizer", "lr",
+                "momentum", "weight_decay", "scheduler", "epochs", "batch_size", "stop_on",
+                "label_smoothing", "ensemble", "refit", "stream", "chunk_rows", "shuffle_rows")
 
 
 def _list_of(kind):

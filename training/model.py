@@ -17,15 +17,18 @@ def augmentation():
 
 
 class TabularNet(nn.Module):
-    """normalize -> [Linear -> BatchNorm1d -> ReLU -> Dropout] x len(hidden) -> Linear.
+    """normalize -> [Linear -> BatchNorm1d -> ReLU -> Dropout] x len(hidden) -> Linear, plus,
+    with `linear_skip`, a Linear layer straight from the normalized inputs to the outputs (a
+    linear model beside the network, for tables where one does well).
 
     Returns logits for classification, or the standardized target for regression.
     """
 
     def __init__(self, n_features: int, n_outputs: int, hidden: list[int], batchnorm: bool = True,
-                 dropout: float = 0.0, normalize: nn.Module | None = None):
+                 dropout: float = 0.0, normalize: nn.Module | None = None, linear_skip: bool = False):
         super().__init__()
         self.normalize = normalize or nn.Identity()
+        self.skip = nn.Linear(n_features, n_outputs, bias=False) if linear_skip else None
         layers: list[nn.Module] = []
         width = n_features
         for h in hidden:
@@ -39,7 +42,8 @@ class TabularNet(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.normalize(x))
+        x = self.normalize(x)
+        return self.body(x) if self.skip is None else self.body(x) + self.skip(x)
 
 
 class ConvNet(nn.Module):
@@ -101,7 +105,8 @@ def build_network(cfg, modality: str, n_inputs: int, n_outputs: int, normalize: 
     if modality == "image":
         return ConvNet(n_inputs, n_outputs, cfg.channels, cfg.batchnorm, cfg.dropout, normalize,
                        cfg.augment)
-    return TabularNet(n_inputs, n_outputs, cfg.hidden, cfg.batchnorm, cfg.dropout, normalize)
+    return TabularNet(n_inputs, n_outputs, cfg.hidden, cfg.batchnorm, cfg.dropout, normalize,
+                      cfg.linear_skip)
 
 
 def serving_model(net: nn.Module, task: str, y_mean: float = 0.0, y_scale: float = 1.0) -> nn.Module:
