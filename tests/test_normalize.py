@@ -173,6 +173,10 @@ def test_quantile_normal_maps_training_rows_to_normal_scores():
         inner = (X[:, j] > np.quantile(X[:, j], 0.05)) & (X[:, j] < np.quantile(X[:, j], 0.95))
         np.testing.assert_allclose(out[inner, j], reference.transform(X)[inner, j], atol=0.05)
     assert len(np.unique(out[:, 1])) == 3 and np.allclose(out[:, 2], out[0, 2])  # discrete, constant
+    # The graph's piecewise-linear map is numpy's interpolation through the knots, outside too.
+    probe = np.concatenate([X[:200], [[1e30] * 4, [-1e30] * 4]]).astype(np.float32)
+    direct = np.column_stack([np.interp(probe[:, j], fitted.knots_[j], fitted.scores_[j]) for j in range(4)])
+    np.testing.assert_allclose(apply(fitted, probe), direct, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["robust", "quantile"])

@@ -16,6 +16,8 @@ A new normalizer is one class here plus its entry in NORMALIZERS.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -166,20 +168,32 @@ class PiecewiseLinear(nn.Module):
     """Per feature, a piecewise-linear map through knots (x_k, y_k), flat beyond the first and last
     knot. Segment s of feature f starts at start[f, s] with width[f, s] (> 0), value y0[f, s] and
     rise dy[f, s]; a value's segment is the number of the feature's inner knots at or below it
-    (`inner`, padded with +inf). In ONNX: a comparison, a sum, Gathers and arithmetic."""
+    (`inner`, sorted), found by binary search: log2(knots) steps of a Gather, a comparison and a
+    Where per value, instead of comparing every value with every knot (30x slower for 1000 rows
+    in onnxruntime)."""
 
     def __init__(self, inner, start, width, y0, dy):
         super().__init__()
-        for name, value in (("inner", inner), ("start", start), ("width", width), ("y0", y0), ("dy", dy)):
-            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
-        segments = self.start.shape[1]
-        self.register_buffer("offset", torch.arange(self.start.shape[0]) * segments)
+        # One row per (feature, segment): start, width, value, rise; one Gather fetches all four.
+        self.register_buffer("segments", torch.as_tensor(
+            np.stack([start, width, y0, dy], axis=-1).reshape(-1, 4), dtype=torch.float32))
+        features, segments = np.shape(start)
+        depth = max(1, math.ceil(math.log2(np.shape(inner)[1] + 1)))
+        padded = np.full((features, 2 ** depth - 1), np.inf)  # +inf: never at or below a value
+        padded[:, :np.shape(inner)[1]] = inner
+        self.register_buffer("inner", torch.as_tensor(padded, dtype=torch.float32).flatten())
+        self.register_buffer("inner_offset", torch.arange(features) * padded.shape[1])
+        self.register_buffer("offset", torch.arange(features) * segments)
+        self.steps = [2 ** k for k in reversed(range(depth))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        segment = (x.unsqueeze(-1) >= self.inner).sum(-1) + self.offset  # [rows, features]
-        start, width = self.start.flatten()[segment], self.width.flatten()[segment]
-        t = torch.clamp((x - start) / width, 0.0, 1.0)
-        return self.y0.flatten()[segment] + t * self.dy.flatten()[segment]
+        count = torch.zeros_like(x, dtype=torch.long)  # inner knots at or below x, so far
+        for step in self.steps:
+            candidate = count + step
+            knot = self.inner[self.inner_offset + candidate - 1]
+            count = torch.where(x >= knot, candidate, count)
+        start, width, y0, dy = self.segments[count + self.offset].unbind(-1)  # [rows, features] each
+        return y0 + torch.clamp((x - start) / width, 0.0, 1.0) * dy
 
 
 class QuantileNormal(Normalizer):
