@@ -139,10 +139,12 @@ def in_process(model_path: str, rows_list: list[np.ndarray], seconds: float) -> 
 
 
 def rows_for(meta: dict, n: int, seed: int = 0) -> list[list[float]]:
-    """Plausible raw rows: drawn around the training mean with the training spread."""
+    """Plausible raw rows: drawn around the training mean with the training spread (the model's
+    drift profile, from its ONNX metadata)."""
     rng = np.random.default_rng(seed)
-    mean, scale = np.array(meta["normalization"]["mean"]), np.array(meta["normalization"]["scale"])
-    return (mean + scale * rng.standard_normal((n, len(mean)))).round(4).tolist()
+    features = meta["drift"]["features"]
+    mean, std = np.array([f["mean"] for f in features]), np.array([f["std"] for f in features])
+    return (mean + std * rng.standard_normal((n, len(mean)))).round(4).tolist()
 
 
 def monitor_cost(model_path: str, env: dict, meta: dict, args) -> dict:
@@ -213,9 +215,9 @@ def main() -> None:
         proc, url, startup = start(kind, model_path, env)
         try:
             with urllib.request.urlopen(url + "/metadata") as r:
-                meta = json.load(r)
-            if meta["modality"] != "table":
-                raise SystemExit(f"{tag} is a {meta['modality']} model; this benchmark posts numeric "
+                served = json.load(r)
+            if served["modality"] != "table":
+                raise SystemExit(f"{tag} is a {served['modality']} model; this benchmark posts numeric "
                                  "rows: set MODEL_TAG to a numeric table model")
             bodies = {n: json.dumps({"instances": rows_for(meta, n)}).encode()
                       for n in {rows for rows, _ in cases}}
