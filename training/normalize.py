@@ -16,41 +16,11 @@ A new normalizer is one class here plus its entry in NORMALIZERS.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
 from torch import nn
 
 from training import encoding
-
-
-class Standardize(nn.Module):
-    """(x - mean) / scale with fixed statistics: buffers, so they export as graph constants. Per
-    feature of [rows, features], or per channel of [images, channels, height, width]."""
-
-    def __init__(self, mean, scale, per_channel: bool = False):
-        super().__init__()
-        shape = (-1, 1, 1) if per_channel else (-1,)
-        self.register_buffer("mean", torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(shape))
-        self.register_buffer("scale", torch.as_tensor(np.asarray(scale), dtype=torch.float32).reshape(shape))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.scale
-
-
-class FirstColumns(nn.Module):
-    """Applies `inner` to the first `n` columns and passes the others through (mixed tables: the
-    numeric columns come first, then the one-hot columns)."""
-
-    def __init__(self, inner: nn.Module, n: int):
-        super().__init__()
-        self.inner, self.n = inner, n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.n == x.shape[1]:
-            return self.inner(x)
-        return torch.cat([self.inner(x[:, :self.n]), x[:, self.n:]], dim=1)
+from training.layers import FirstColumns, PiecewiseLinear, SmoothClip, Standardize
 
 
 class Normalizer:
@@ -124,17 +94,6 @@ class NoScaling(Normalizer):
         return Standardize(self.mean_, self.scale_, per_channel=self.image_)
 
 
-class SmoothClip(nn.Module):
-    """x / sqrt(1 + (x / bound)^2): about x near 0, tending to +-bound far out (RealMLP)."""
-
-    def __init__(self, bound: float):
-        super().__init__()
-        self.bound = float(bound)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x / torch.sqrt(1 + (x / self.bound) ** 2)
-
-
 class RobustScaling(Normalizer):
     """(x - median) / interquartile range per feature, then smooth clipping of outliers to about
     +-`clip` (RealMLP's robust scaling). A feature whose quartiles coincide is scaled by half its
@@ -162,38 +121,6 @@ class RobustScaling(Normalizer):
 
     def module(self) -> nn.Module:
         return nn.Sequential(Standardize(self.center_, self.scale_), SmoothClip(self.clip))
-
-
-class PiecewiseLinear(nn.Module):
-    """Per feature, a piecewise-linear map through knots (x_k, y_k), flat beyond the first and last
-    knot. Segment s of feature f starts at start[f, s] with width[f, s] (> 0), value y0[f, s] and
-    rise dy[f, s]; a value's segment is the number of the feature's inner knots at or below it
-    (`inner`, sorted), found by binary search: log2(knots) steps of a Gather, a comparison and a
-    Where per value, instead of comparing every value with every knot (30x slower for 1000 rows
-    in onnxruntime)."""
-
-    def __init__(self, inner, start, width, y0, dy):
-        super().__init__()
-        # One row per (feature, segment): start, width, value, rise; one Gather fetches all four.
-        self.register_buffer("segments", torch.as_tensor(
-            np.stack([start, width, y0, dy], axis=-1).reshape(-1, 4), dtype=torch.float32))
-        features, segments = np.shape(start)
-        depth = max(1, math.ceil(math.log2(np.shape(inner)[1] + 1)))
-        padded = np.full((features, 2 ** depth - 1), np.inf)  # +inf: never at or below a value
-        padded[:, :np.shape(inner)[1]] = inner
-        self.register_buffer("inner", torch.as_tensor(padded, dtype=torch.float32).flatten())
-        self.register_buffer("inner_offset", torch.arange(features) * padded.shape[1])
-        self.register_buffer("offset", torch.arange(features) * segments)
-        self.steps = [2 ** k for k in reversed(range(depth))]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        count = torch.zeros_like(x, dtype=torch.long)  # inner knots at or below x, so far
-        for step in self.steps:
-            candidate = count + step
-            knot = self.inner[self.inner_offset + candidate - 1]
-            count = torch.where(x >= knot, candidate, count)
-        start, width, y0, dy = self.segments[count + self.offset].unbind(-1)  # [rows, features] each
-        return y0 + torch.clamp((x - start) / width, 0.0, 1.0) * dy
 
 
 class QuantileNormal(Normalizer):
