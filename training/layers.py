@@ -53,8 +53,8 @@ class PiecewiseLinear(nn.Module):
     """Per feature, a piecewise-linear map through knots (x_k, y_k), flat beyond the first and last
     knot. Segment s of feature f starts at start[f, s] with width[f, s] (> 0), value y0[f, s] and
     rise dy[f, s]; a value's segment is the number of the feature's inner knots at or below it
-    (`inner`, sorted), found by binary search: log2(knots) steps of a Gather, a comparison and a
-    Where per value, instead of comparing every value with every knot (30x slower for 1000 rows
+    (`inner`, sorted), found by binary search: log2(knots) steps of a Gather and a comparison per
+    value, instead of comparing every value with every knot (several times slower for 1000 rows
     in onnxruntime)."""
 
     def __init__(self, inner, start, width, y0, dy):
@@ -67,15 +67,17 @@ class PiecewiseLinear(nn.Module):
         padded = np.full((features, 2 ** depth - 1), np.inf)  # +inf: never at or below a value
         padded[:, :np.shape(inner)[1]] = inner
         self.register_buffer("inner", torch.as_tensor(padded, dtype=torch.float32).flatten())
-        self.register_buffer("inner_offset", torch.arange(features) * padded.shape[1])
+        self.register_buffer("inner_offset", torch.arange(features, dtype=torch.float32) * padded.shape[1])
         self.register_buffer("offset", torch.arange(features) * segments)
         self.steps = [2 ** k for k in reversed(range(depth))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        count = torch.zeros_like(x, dtype=torch.long)  # inner knots at or below x, so far
+        # The count is kept in float32 (small whole numbers, exact): onnxruntime's float
+        # arithmetic is faster here than its int64 Where (1000 rows: 384 vs 239 runs/s).
+        count = torch.zeros_like(x)  # inner knots at or below x, so far
         for step in self.steps:
-            candidate = count + step
-            knot = self.inner[self.inner_offset + candidate - 1]
-            count = torch.where(x >= knot, candidate, count)
-        start, width, y0, dy = self.segments[count + self.offset].unbind(-1)  # [rows, features] each
+            knot = self.inner[(self.inner_offset + count + (step - 1)).long()]
+            count = count + step * (x >= knot).to(x.dtype)
+        segment = count.long() + self.offset
+        start, width, y0, dy = self.segments[segment].unbind(-1)  # [rows, features] each
         return y0 + torch.clamp((x - start) / width, 0.0, 1.0) * dy
