@@ -10,7 +10,8 @@ the scorer directly, skipping BentoML's generic parsing; POST /predict_image by 
 method below; GET /metadata and /drift by a small Starlette app. The @bentoml.api `predict`
 method is never reached over HTTP: it declares the request schema for the OpenAPI spec
 (/docs.json) and answers in-process callers (a service that composes this one with
-bentoml.depends, or a test), through the same scorer.
+bentoml.depends, or a test) through the same scorer, with a Starlette Response carrying the
+status and JSON body HTTP would (errors come back as a 4xx Response, not raised).
 """
 from __future__ import annotations
 

@@ -232,3 +232,22 @@ def test_images_refuse_a_tables_only_normalizer():
     from training.config import ConfigError, make_config
     with pytest.raises(ConfigError, match="--normalizer robust is for tables; images take auto, standard, none"):
         make_config({"dataset": "digits-images", "normalizer": "robust"})
+
+
+def test_a_streamed_regression_target_is_standardized_whatever_the_normalizer(tmp_path):
+    from conftest import quick_config
+    from training import stream
+    frame = make_frame(n=900, seed=4, task="regression")
+    path = tmp_path / "r.csv"
+    frame.to_csv(path, index=False)
+    cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100)
+    s = stream.scan(cfg, QuantileNormal())
+    train = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_size) == stream.TRAIN
+    assert s.task == "regression"
+    assert s.y_scaling.mean_[0] == pytest.approx(frame.label.to_numpy()[train].mean(), rel=1e-12)
+
+
+def test_an_unknown_normalizer_in_a_config_file_is_one_line():
+    from training.config import ConfigError, make_config
+    with pytest.raises(ConfigError, match="option normalizer must be one of auto, standard"):
+        make_config({"normalizer": "minmax"})

@@ -41,9 +41,10 @@ class Checkpoint:
     @classmethod
     def capture(cls, cfg, world_size: int, version: str, progress: Progress, net, optimizer,
                 schedule, generator: torch.Generator) -> Checkpoint:
-        return cls(cfg.to_dict(), world_size, version, progress, net.state_dict(),
-                   optimizer.state_dict(), schedule.state_dict(), generator.get_state(),
-                   torch.get_rng_state())
+        return cls(config=cfg.to_dict(), world_size=world_size, version=version, progress=progress,
+                   model=net.state_dict(), optimizer=optimizer.state_dict(),
+                   scheduler=schedule.state_dict(), generator=generator.get_state(),
+                   torch_rng=torch.get_rng_state())
 
     def restore(self, net, optimizer, schedule, generator: torch.Generator) -> Progress:
         net.load_state_dict(self.model)

@@ -235,6 +235,10 @@ def make_config(values: dict[str, Any]) -> Config:
                 values[f.name] = caster(values[f.name])
             except (TypeError, ValueError):
                 raise ConfigError(f"option {f.name} must be a number, got {values[f.name]!r}") from None
+    for f in dataclasses.fields(Config):
+        if "choices" in f.metadata and f.name in values and values[f.name] not in f.metadata["choices"]:
+            raise ConfigError(f"option {f.name} must be one of {', '.join(f.metadata['choices'])}, "
+                              f"got {values[f.name]!r}")
     try:
         return Config(**values)
     except TypeError as e:

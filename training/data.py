@@ -170,15 +170,16 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
 
     target_summary = Target(target).add(frame[target])
     task, classes = target_summary.settle(task)
-    return Table(X, target_summary.encode(frame[target], task), [str(f) for f in features], task,
-                 classes, source, dropped, modality="mixed" if mixed else "table", columns=columns)
+    return Table(X=X, y=target_summary.encode(frame[target], task),
+                 feature_names=[str(f) for f in features], task=task, classes=classes, source=source,
+                 dropped_rows=dropped, modality="mixed" if mixed else "table", columns=columns)
 
 
 def image_table(X: np.ndarray, labels: list, classes: list, source: str, resize: bool) -> Table:
     index = {c: i for i, c in enumerate(classes)}
-    return Table(X, np.array([index[label] for label in labels], dtype=np.int64), [],
-                 "classification", [json_label(c) for c in classes], source,
-                 modality="image", resize=resize)
+    return Table(X=X, y=np.array([index[label] for label in labels], dtype=np.int64),
+                 feature_names=[], task="classification", classes=[json_label(c) for c in classes],
+                 source=source, modality="image", resize=resize)
 
 
 def load_table(cfg) -> Table:
@@ -224,4 +225,5 @@ def split_table(table: Table, val_size: float, test_size: float, seed: int) -> S
     X, y = table.X, table.y
     take = (lambda rows: X.iloc[rows].reset_index(drop=True)) if isinstance(X, pd.DataFrame) \
         else (lambda rows: X[rows])
-    return Split(take(train), y[train], take(val), y[val], take(test), y[test], stratify is not None)
+    return Split(X_train=take(train), y_train=y[train], X_val=take(val), y_val=y[val],
+                 X_test=take(test), y_test=y[test], stratified=stratify is not None)

@@ -1,7 +1,8 @@
 """The data a run trains on: loaded, split, and with its normalizer fitted on the training split.
 
 In memory the table is read whole (training/data.py); `--stream` scans it chunk by chunk
-(training/stream.py), fitting the same normalizer with partial_fit. Under torchrun rank 0 does
+(training/stream.py), fitting the same normalizer with partial_fit (or, for one that needs
+quantiles, on the scan's uniform sample of the training rows). Under torchrun rank 0 does
 this once and hands the result to the other ranks.
 """
 from __future__ import annotations
@@ -57,16 +58,20 @@ def prepare(cfg, world: World, table: Table | None = None) -> Data:
         y = StandardScaling().fit(split.y_train[:, None])
         y_mean, y_scale = float(y.mean_[0]), float(y.scale_[0])
     rows = {name: len(getattr(split, f"y_{key}")) for name, key in SPLITS.items()}
-    return Data(table, split, rows, normalizer, y_mean, y_scale)
+    return Data(table=table, split=split, rows=rows, normalizer=normalizer, y_mean=y_mean,
+                y_scale=y_scale)
 
 
 def _streamed(cfg, world: World) -> Data:
     s = world.share(lambda: stream.scan(cfg, make_normalizer(cfg.normalizer, "table"), world.size),
                     public=lambda s: dataclasses.replace(s, split=None))
     n = len(s.features)
-    table = Table(np.empty((0, n)), np.empty(0), s.features, s.task, s.classes, cfg.data,
-                  s.dropped_rows)
-    split = s.split or Split(*[np.empty((0, n)), np.empty(0, np.int64)] * 3, stratified=False)
+    table = Table(X=np.empty((0, n)), y=np.empty(0), feature_names=s.features, task=s.task,
+                  classes=s.classes, source=cfg.data, dropped_rows=s.dropped_rows)
+    empty = {"X": np.empty((0, n)), "y": np.empty(0, np.int64)}  # ranks other than 0
+    split = s.split or Split(**{f"{a}_{b}": empty[a] for b in ("train", "val", "test") for a in "Xy"},
+                             stratified=False)
     y_mean, y_scale = ((float(s.y_scaling.mean_[0]), float(s.y_scaling.scale_[0]))
                        if s.task == "regression" else (0.0, 1.0))
-    return Data(table, split, s.rows, s.normalizer, y_mean, y_scale, s)
+    return Data(table=table, split=split, rows=s.rows, normalizer=s.normalizer, y_mean=y_mean,
+                y_scale=y_scale, scan=s)

@@ -92,5 +92,5 @@ def export_encoder(pre: ColumnTransformer, columns: list[dict], like: onnx.Model
 
 
 def join(pre: onnx.ModelProto, net: onnx.ModelProto, net_input: str) -> onnx.ModelProto:
-    """One graph: the preprocessor's output feeds the network's input."""
+    """One graph: the encoder's output feeds the network's input."""
     return onnx.compose.merge_models(pre, net, io_map=[(pre.graph.output[0].name, net_input)])

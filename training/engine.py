@@ -1,9 +1,8 @@
-"""The training loop: batches, one epoch, evaluation, and `train`, which runs epochs with early
-stopping and a checkpoint after each, and returns the best epoch's network.
+"""The training loop: batch sources, one epoch, evaluation, and `train`, which runs epochs with
+early stopping and a checkpoint after each, and returns the best epoch's network.
 
-The data sit on the device as whole tensors. Each epoch permutes them once and takes batches as
-contiguous slices (views, no copy): much less per-step work than a per-row DataLoader, or than
-gathering each batch by index (benchmarks/train_speed.py).
+In memory the data sit on the device as whole tensors, and each epoch takes batches as slices of
+one permutation (training/batches.py); streamed runs read them from the file (training/stream.py).
 """
 from __future__ import annotations
 
@@ -167,9 +166,6 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True,
 
     torch.manual_seed(cfg.seed)
     net = make_net().to(device)
-    model = world.wrap(net)  # DistributedDataParallel under torchrun; the network itself otherwise
-    if world.size > 1:
-        torch.manual_seed(cfg.seed + world.rank)  # each rank its own dropout and augmentation
     X_val, y_val = tensors(data, "validation", device)
     generator = torch.Generator().manual_seed(cfg.seed)
     if cfg.stream:
@@ -182,9 +178,12 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True,
         raise DataError("too few training rows for one batch on every rank")
 
     progress = state.progress if state else Progress(lr=cfg.lr)
-    if progress.lr == "auto":  # rank 0 sweeps; every rank trains at the rate it found
+    if progress.lr == "auto":  # rank 0 sweeps, on the plain network; every rank trains at its rate
         progress.lr_sweep = world.share(lambda: range_test(cfg, net, batches, task, generator))
         progress.lr = progress.lr_sweep["suggestion"]
+    model = world.wrap(net)  # DistributedDataParallel under torchrun; the network itself otherwise
+    if world.size > 1:
+        torch.manual_seed(cfg.seed + world.rank)  # each rank its own dropout and augmentation
     optimizer = make_optimizer(model.parameters(), cfg.optimizer, progress.lr, cfg.weight_decay,
                                cfg.momentum)
     metric, higher = monitor(task)
@@ -227,8 +226,9 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True,
         return None
     best = make_net()  # a plain network (BatchNorm, not SyncBatchNorm; no DDP wrapper)
     best.load_state_dict(progress.best_state)
-    return Trained(best.eval(), version, progress, stopped_early, str(device), state is not None,
-                   world.describe(batch_size))
+    return Trained(net=best.eval(), version=version, progress=progress, stopped_early=stopped_early,
+                   device=str(device), resumed=state is not None,
+                   distributed=world.describe(batch_size))
 
 
 def range_test(cfg, net: nn.Module, batches, task: str, generator: torch.Generator) -> dict:

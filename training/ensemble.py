@@ -50,11 +50,12 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Tra
         # Members after the first reuse the rate the first one's range test found (--lr auto).
         member_cfg = dataclasses.replace(cfg, seed=cfg.seed + k, lr=lr)
         trained = engine.train(member_cfg, data, world, checkpoints=checkpoints and cfg.ensemble == 1)
+        lr = world.share(lambda: trained.progress.lr)  # every rank: the rate the first one used
         if trained is not None:
-            lr, seconds = trained.progress.lr, seconds + trained.progress.elapsed
+            seconds += trained.progress.elapsed
         if cfg.refit:
             best = world.share(lambda: trained.progress.best_epoch)
-            refit_cfg = dataclasses.replace(member_cfg, lr=world.share(lambda: trained.progress.lr))
+            refit_cfg = dataclasses.replace(member_cfg, lr=lr)
             refitted = engine.train(refit_cfg, merged(data), world, checkpoints=False, epochs=best)
             if trained is not None:
                 trained.net, seconds = refitted.net, seconds + refitted.progress.elapsed

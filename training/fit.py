@@ -78,7 +78,7 @@ def run(cfg: Config) -> Result | None:
     # Not in the written card: the store save comes after it. The summary shows them.
     card["timings"] = clock.laps
     card["total_seconds"] = round(sum(clock.laps.values()), 2)
-    return Result(out_dir, tag, card, data, trained)
+    return Result(model_dir=out_dir, tag=tag, card=card, data=data, trained=trained)
 
 
 def seconds_since_start() -> float:

@@ -132,8 +132,8 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
         target.add(y)
         if train.any() and streamed:
             normalizer.partial_fit(X[train])
-            if target.numeric and not target.infinite:
-                y_scaling.partial_fit(y.to_numpy(np.float64)[train, None])
+        if train.any() and target.numeric and not target.infinite:
+            y_scaling.partial_fit(y.to_numpy(np.float64)[train, None])
         counts += np.bincount(split, minlength=3)
         per_rank += np.bincount(positions[train] % world_size, minlength=world_size)
         for s, sample in enumerate(samples):
@@ -147,12 +147,16 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
         raise DataError(f"too few rows ({n}) to split into train/validation/test")
     task, classes = target.settle(cfg.task)
     arrays = [sample.arrays() for sample in samples]
-    split = Split(*(a for X, y in arrays for a in (X, target.encode(y, task))), stratified=False)
+    (X_train, y_train), (X_val, y_val), (X_test, y_test) = arrays
+    split = Split(X_train=X_train, y_train=target.encode(y_train, task), X_val=X_val,
+                  y_val=target.encode(y_val, task), X_test=X_test, y_test=target.encode(y_test, task),
+                  stratified=False)
     if not streamed:
         normalizer.fit(split.X_train)
-    return Scan([str(f) for f in features], task, classes, target, normalizer, y_scaling,
-                dict(zip(("train", "validation", "test"), map(int, counts))),
-                per_rank.tolist(), dropped, split)
+    return Scan(features=[str(f) for f in features], task=task, classes=classes, target=target,
+                normalizer=normalizer, y_scaling=y_scaling,
+                rows=dict(zip(("train", "validation", "test"), map(int, counts))),
+                rows_per_rank=per_rank.tolist(), dropped_rows=dropped, split=split)
 
 
 class ShuffleBuffer:
