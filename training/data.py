@@ -15,8 +15,9 @@ from sklearn.model_selection import train_test_split
 
 from training.contract import category_text
 from training.files import read_table
-from training.rules import (MIN_TRAIN_ROWS, DataError, DataNote, Target, check_float32, count,
-                            is_near_unique, is_number_column, json_label, names)
+from training.rules import (MIN_TRAIN_ROWS, DataError, DataNote, Target, check_float32, check_rows,
+                            count, is_near_unique, is_number_column, json_label, names,
+                            too_few_to_split)
 
 
 @dataclass
@@ -137,8 +138,7 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     missing_target = frame[target].isna()
     dropped = int(missing_target.sum())
     frame = frame.loc[~missing_target]
-    if frame.empty:
-        raise DataError(f"every row's target {target!r} is missing")
+    check_rows(source, dropped + len(frame), len(frame), target)
     if len(frame) < MIN_TRAIN_ROWS:
         raise DataError(f"too few rows ({len(frame)}) to train on; need at least {MIN_TRAIN_ROWS + 2}")
 
@@ -207,8 +207,7 @@ def split_table(table: Table, val_size: float, test_size: float, seed: int) -> S
     n = len(table.y)
     n_test, n_val = int(np.ceil(n * test_size)), int(np.ceil(n * val_size))
     if n - n_test - n_val < MIN_TRAIN_ROWS:
-        need = int(np.ceil((MIN_TRAIN_ROWS + 2) / (1 - val_size - test_size)))
-        raise DataError(f"too few rows ({n}) to split into train/validation/test; need at least {need}")
+        raise too_few_to_split(n, val_size, test_size)
     stratify = None
     if table.task == "classification":
         counts = np.bincount(table.y)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.rules import DataError
+from training.rules import DataError, check_rows
 
 PARQUET, CSV = (".parquet", ".pq"), (".csv", ".txt", ".tsv")
 
@@ -73,8 +73,7 @@ def read_table(path: str) -> pd.DataFrame:
     with read_errors(path):
         frame = pd.read_parquet(path) if parquet else pd.read_csv(path, sep=separator(path))
     check_header(path)
-    if frame.empty:
-        raise DataError(f"{path} has no data rows")
+    check_rows(path, len(frame), len(frame), "")
     return frame
 
 

@@ -26,6 +26,19 @@ class DataNote(UserWarning):
     """Something done to the user's data that they should know of (printed as `note: ...`)."""
 
 
+def check_rows(path: str, rows: int, with_target: int, target: str) -> None:
+    """A table's row count: none at all, or none with a target, is one line naming which."""
+    if rows == 0:
+        raise DataError(f"{path} has no data rows")
+    if with_target == 0:
+        raise DataError(f"every row's target {target!r} is missing")
+
+
+def too_few_to_split(n: int, val_size: float, test_size: float) -> DataError:
+    need = int(np.ceil((MIN_TRAIN_ROWS + 2) / (1 - val_size - test_size)))
+    return DataError(f"too few rows ({n}) to split into train/validation/test; need at least {need}")
+
+
 def names(columns, limit: int = 8) -> str:
     columns = [str(c) for c in columns]
     more = f", ... ({len(columns) - limit} more)" if len(columns) > limit else ""

@@ -21,7 +21,8 @@ from training.data import Split, select_features
 from training.batches import batch_bounds
 from training.files import ChunkReader
 from training.normalize import Normalizer, StandardScaling
-from training.rules import MIN_TRAIN_ROWS, DataError, Target, check_float32
+from training.rules import (MIN_TRAIN_ROWS, DataError, Target, check_float32, check_rows,
+                            too_few_to_split)
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
 _MASK = (1 << 64) - 1
@@ -113,8 +114,7 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
     samples."""
     reader = ChunkReader(cfg.data, cfg.chunk_rows)
     first = next(reader.chunks(), None)
-    if first is None or first[1].empty:
-        raise DataError(f"{cfg.data} has no data rows")
+    check_rows(cfg.data, 0 if first is None else len(first[1]), 1, cfg.target)
     features = select_features(first[1], cfg.target, cfg.features, cfg.drop)
     target, y_scaling = Target(cfg.target), StandardScaling()
     # A normalizer without partial_fit (quantiles need every row at once) is fitted on the uniform
@@ -141,10 +141,9 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
     bar.close()
 
     n = int(counts.sum())
-    if n == 0:
-        raise DataError(f"every row's target {cfg.target!r} is missing")
+    check_rows(cfg.data, n + dropped, n, cfg.target)
     if counts[TRAIN] < MIN_TRAIN_ROWS or counts[VALIDATION] == 0 or counts[TEST] == 0:
-        raise DataError(f"too few rows ({n}) to split into train/validation/test")
+        raise too_few_to_split(n, cfg.val_size, cfg.test_size)
     task, classes = target.settle(cfg.task)
     arrays = [sample.arrays() for sample in samples]
     (X_train, y_train), (X_val, y_val), (X_test, y_test) = arrays
