@@ -105,14 +105,20 @@ def labels(values) -> np.ndarray:
     return np.array([category_text(v) for v in values], dtype=object)
 
 
-def graph_feeds(card: dict, frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """The graph's inputs for raw rows, as the service builds them from JSON records."""
+def typed(frame: pd.DataFrame, columns: list[dict]) -> pd.DataFrame:
+    """Raw holdout rows of a mixed table as training typed them: numbers (NaN = missing), and
+    categories as the text the graph compares (what the service makes of JSON records)."""
     from training.contract import category_text
+    return pd.DataFrame({c["name"]: (pd.to_numeric(frame[c["name"]], errors="coerce").astype(float)
+                                     if c["type"] == "numeric" else frame[c["name"]].map(category_text))
+                         for c in columns})
+
+
+def graph_feeds(card: dict, frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The graph's inputs for raw rows."""
+    from training.encoding import column_feeds
     if card["columns"]:
-        return {c["name"]: (pd.to_numeric(frame[c["name"]], errors="coerce").to_numpy(np.float32)[:, None]
-                            if c["type"] == "numeric" else
-                            frame[c["name"]].map(category_text).to_numpy(object)[:, None])
-                for c in card["columns"]}
+        return column_feeds(typed(frame, card["columns"]), card["columns"])
     return {card["input"]: frame[card["feature_names"]].to_numpy(np.float32)}
 
 
@@ -148,7 +154,6 @@ def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str
     import torch
     from training import ensemble
     from training.config import make_config
-    from training.contract import category_text
     from training.data import to_table
     from training.dataset import prepare
     from training.distributed import World
@@ -159,12 +164,7 @@ def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str
     world = World()
     data = prepare(cfg, world, table)
     trained = ensemble.train(cfg, data, world, checkpoints=False)
-    if table.columns:
-        raw = pd.DataFrame({c["name"]: (pd.to_numeric(test[c["name"]], errors="coerce").astype(float)
-                                        if c["type"] == "numeric" else test[c["name"]].map(category_text))
-                            for c in table.columns})
-    else:
-        raw = test[table.feature_names].to_numpy(np.float64)
+    raw = typed(test, table.columns) if table.columns else test[table.feature_names].to_numpy(np.float64)
     X = torch.as_tensor(np.asarray(data.normalizer.encode(raw), dtype=np.float32))
     with torch.no_grad():
         out = trained.net.eval()(X)

@@ -41,8 +41,8 @@ class Data:
 
     @property
     def width(self) -> int:
-        """The network's input width (channels, for images)."""
-        return self.inputs("train").shape[1]
+        """The network's input width (channels, for images): one training row encoded is enough."""
+        return self.normalizer.encode(self.split.X_train[:1]).shape[1]
 
 
 def prepare(cfg, world: World, table: Table | None = None) -> Data:
@@ -53,13 +53,9 @@ def prepare(cfg, world: World, table: Table | None = None) -> Data:
     split = split_table(table, cfg.val_size, cfg.test_size, cfg.seed)
     normalizer = world.share(lambda: make_normalizer(cfg.normalizer, table.modality, table.columns)
                              .fit(split.X_train))
-    y_mean, y_scale = 0.0, 1.0
-    if table.task == "regression":
-        y = StandardScaling().fit(split.y_train[:, None])
-        y_mean, y_scale = float(y.mean_[0]), float(y.scale_[0])
     rows = {name: len(getattr(split, f"y_{key}")) for name, key in SPLITS.items()}
-    return Data(table=table, split=split, rows=rows, normalizer=normalizer, y_mean=y_mean,
-                y_scale=y_scale)
+    y_scaling = StandardScaling().fit(split.y_train[:, None]) if table.task == "regression" else None
+    return Data(table=table, split=split, rows=rows, normalizer=normalizer, **target_scaling(y_scaling))
 
 
 def _streamed(cfg, world: World) -> Data:
@@ -71,7 +67,13 @@ def _streamed(cfg, world: World) -> Data:
     empty = {"X": np.empty((0, n)), "y": np.empty(0, np.int64)}  # ranks other than 0
     split = s.split or Split(**{f"{a}_{b}": empty[a] for b in ("train", "val", "test") for a in "Xy"},
                              stratified=False)
-    y_mean, y_scale = ((float(s.y_scaling.mean_[0]), float(s.y_scaling.scale_[0]))
-                       if s.task == "regression" else (0.0, 1.0))
-    return Data(table=table, split=split, rows=s.rows, normalizer=s.normalizer, y_mean=y_mean,
-                y_scale=y_scale, scan=s)
+    y_scaling = s.y_scaling if s.task == "regression" else None
+    return Data(table=table, split=split, rows=s.rows, normalizer=s.normalizer, scan=s,
+                **target_scaling(y_scaling))
+
+
+def target_scaling(y_scaling: StandardScaling | None) -> dict[str, float]:
+    """A regression target's mean and scale on the training rows; none for classification."""
+    if y_scaling is None:
+        return {"y_mean": 0.0, "y_scale": 1.0}
+    return {"y_mean": float(y_scaling.mean_[0]), "y_scale": float(y_scaling.scale_[0])}

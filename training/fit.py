@@ -75,9 +75,7 @@ def run(cfg: Config) -> Result | None:
     tag = save_to_bentoml(out_dir, cfg.model_name, trained.version, data.table.task) if cfg.store else None
     checkpoint_path(cfg).unlink(missing_ok=True)  # the run is complete; nothing is left to resume
     clock.lap("store")
-    # Not in the written card: the store save comes after it. The summary shows them.
-    card["timings"] = clock.laps
-    card["total_seconds"] = round(sum(clock.laps.values()), 2)
+    card["timings"] = clock.laps  # not in the written card: the store save comes after it
     return Result(model_dir=out_dir, tag=tag, card=card, data=data, trained=trained)
 
 
@@ -107,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if result is not None:
         result.card["timings"] = {"start-up and imports": round(start_up, 2), **result.card["timings"]}
-        result.card["total_seconds"] = round(sum(result.card["timings"].values()), 2)
         print(report.summary(result.card, result.model_dir, result.tag))
     return 0
 

@@ -91,7 +91,8 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
         ("learning rate", f"{t['lr']:.3g}" + (f" (--lr auto: {t['lr_find']['rule']} of a range test "
                                               f"over {t['lr_find']['steps']} steps, lr_find.png)"
                                               if t.get("lr_find") else "")),
-        ("time", f"{t['seconds']:.1f} s training, {c['total_seconds']:.1f} s in all, on {t['device']}"),
+        ("time", f"{t['seconds']:.1f} s training, {sum(c['timings'].values()):.1f} s in all, "
+                 f"on {t['device']}"),
         ("time split", ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in c["timings"].items())),
     ]
     if members := t.get("members"):
