@@ -1,18 +1,23 @@
 """Covariate-shift monitor: the raw inputs the service scores, counted into the training profile's
-bins (training/drift.py) and compared with it.
+bins (training/drift.py) and compared with it (training/drift_stats.py).
 
 Constant memory: each worker keeps its counts in a small shared-memory file: since start, and a
 ring of buckets of recent rows, each stamped with the time of its last row. Any worker reads every
-worker's file to answer GET /drift and to set the Prometheus gauges: since start is the sum of
-all, the recent window the newest buckets of all workers that together hold DRIFT_WINDOW rows.
+worker's file to answer GET /drift and to set the per-server Prometheus gauges: since start is the
+sum of all, the recent window the newest buckets of all workers that together hold DRIFT_WINDOW
+rows. Each worker also exports its own counts as Prometheus counters, which Prometheus sums over
+workers and replicas (deploy/prometheus/ computes the fleet's verdicts from them).
+
 Scoring a request only copies its inputs into fixed staging arrays (of a large request, a sample
 of rows); they are counted in batches (every FLUSH_ROWS rows or FLUSH_SECONDS), which keeps the
-monitor's cost per request small. Only inputs that were answered 200 are counted: rejected
-requests never get here.
+monitor's cost per request small. A counted row is evidence of one row, whatever the size of its
+request: the statistics rest on the rows actually counted. Only inputs that were answered 200 are
+counted: rejected requests never get here.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -23,39 +28,65 @@ from pathlib import Path
 
 import numpy as np
 
-from training.drift import VERDICTS, Layout, compare, image_features
+from training.drift import Layout, image_features
+from training.drift_stats import VERDICTS, Comparison, Settings
 
 ENABLED = os.environ.get("DRIFT", "1") != "0"
-WINDOW = int(os.environ.get("DRIFT_WINDOW", "10000"))     # rows in the recent window (all workers)
-MIN_ROWS = int(os.environ.get("DRIFT_MIN_ROWS", "500"))   # fewer rows give "not_enough_data"
-THRESHOLDS = {name: float(os.environ.get(f"DRIFT_{name.upper()}", default)) for name, default in (
-    ("psi_warn", 0.1), ("psi_retrain", 0.25), ("shift_warn", 0.25), ("shift_retrain", 0.5))}
+WINDOW = int(os.environ.get("DRIFT_WINDOW", "10000"))     # counted rows in the recent window (all workers)
+SETTINGS = Settings(alpha=float(os.environ.get("DRIFT_ALPHA", Settings.alpha)),
+                    min_rows=int(os.environ.get("DRIFT_MIN_ROWS", Settings.min_rows)),
+                    **{name: float(os.environ.get(f"DRIFT_{name.upper()}", default))
+                       for name, default in Settings().thresholds().items()})
 BUCKETS = 10
 FLUSH_ROWS = 1024
 FLUSH_SECONDS = 0.5
 GAUGE_SECONDS = 5.0  # Prometheus scrapes every 15 s or so; GET /drift always brings them up to date
-# Of a request with more rows than this, every SAMPLE_STRIDE-th row is counted, standing for the
-# rows around it: counting every row of bulk requests would cost ~20-40% of their throughput.
+# Of a request with more rows than SAMPLE_ABOVE, about SAMPLE_ABOVE to 2 x SAMPLE_ABOVE evenly
+# spaced rows are counted, and at least one row in SAMPLE_STRIDE: counting every row of bulk
+# requests would cost ~20-40% of their throughput.
 SAMPLE_ABOVE = int(os.environ.get("DRIFT_SAMPLE_ABOVE", "64"))
 SAMPLE_STRIDE = 32
 WINDOWS = ("recent", "since_start")
 
 
-def gauges():
-    """Prometheus gauges; in BentoML's multiprocess mode the most recent value of any worker wins
-    (every worker reports the whole server's numbers)."""
-    from prometheus_client import Gauge
-    kw = {"multiprocess_mode": "mostrecent"}
+def sample_step(rows: int) -> int:
+    """Of a request of `rows` rows, every sample_step(rows)-th row is counted."""
+    return min(SAMPLE_STRIDE, max(1, rows // SAMPLE_ABOVE))
+
+
+@functools.cache  # once per process: Prometheus metrics are registered globally
+def metrics() -> dict:
+    """Per server, gauges of the verdicts (in BentoML's multiprocess mode the most recent value of
+    any worker wins: every worker reports the whole server's numbers). For the fleet, counters of
+    each worker's own counts in the test bins, and the training side they are compared with."""
+    from prometheus_client import Counter, Gauge
+    recent, top = {"multiprocess_mode": "mostrecent"}, {"multiprocess_mode": "max"}
     return {
         "psi": Gauge("normserve_drift_psi", "population stability index of live inputs vs. training",
-                     ["feature", "window"], **kw),
+                     ["feature", "window"], **recent),
         "mean_shift": Gauge("normserve_drift_mean_shift", "(live mean - training mean) / training std",
-                            ["feature", "window"], **kw),
+                            ["feature", "window"], **recent),
         "verdict": Gauge("normserve_drift_verdict", "0 ok, 1 warn, 2 retrain, -1 not enough data",
-                         ["feature", "window"], **kw),
+                         ["feature", "window"], **recent),
         "overall": Gauge("normserve_drift_overall", "worst feature verdict (0 ok, 1 warn, 2 retrain, "
-                         "-1 not enough data)", ["window"], **kw),
-        "rows": Gauge("normserve_drift_rows", "rows counted", ["window"], **kw),
+                         "-1 not enough data)", ["window"], **recent),
+        "rows": Gauge("normserve_drift_rows", "rows counted", ["window"], **recent),
+        "counted": Counter("normserve_drift_counted_rows", "rows counted by the drift monitor", ["model"]),
+        "bin_rows": Counter("normserve_drift_bin_rows", "counted rows per test bin of a feature",
+                            ["model", "feature", "bin"]),
+        "values": Counter("normserve_drift_values", "counted values of a numeric feature (not missing)",
+                          ["model", "feature"]),
+        "deviation": Counter("normserve_drift_deviation", "sum of counted values' deviations from the "
+                             "training mean above or below it, in training standard deviations",
+                             ["model", "feature", "side"]),
+        "share": Gauge("normserve_drift_reference_share", "training share of a test bin",
+                       ["model", "feature", "bin"], **top),
+        "reference_rows": Gauge("normserve_drift_reference_rows", "training rows of the drift profile",
+                                ["model"], **top),
+        "critical": Gauge("normserve_drift_critical_chi2", "chi-squared at which a feature's drift is "
+                          "significant", ["model", "feature"], **top),
+        "setting": Gauge("normserve_drift_setting", "the monitor's settings (alpha, min_rows, thresholds)",
+                         ["model", "name"], **top),
     }
 
 
@@ -64,33 +95,45 @@ def verdict_code(verdict: str) -> int:
 
 
 class Monitor:
-    def __init__(self, meta: dict):
-        self.layout = Layout(meta["drift"])
-        self.modality, self.input, self.columns = meta["modality"], meta["input"], meta.get("columns")
-        key = hashlib.sha256(json.dumps([meta["model"], meta["drift"]]).encode()).hexdigest()[:12]
+    def __init__(self, meta: dict, window: int = WINDOW, settings: Settings = SETTINGS):
+        profile = meta["drift"]
+        self.layout, self.window = Layout(profile), window
+        self.comparison = Comparison(self.layout, settings, profile.get("rows"))
+        self.modality, self.input, self.model = meta["modality"], meta["input"], meta["model"]
+        profiled = {f["name"] for f in profile["features"]}
+        names = ([c["name"] for c in meta["columns"]] if meta.get("columns")
+                 else meta["feature_names"] if self.modality == "table" else sorted(profiled))
+        self.not_monitored = [n for n in names if n not in profiled]
+        # Which inputs the profile's features are, by name (tables) or column (mixed tables).
+        picked = [names.index(f["name"]) for f in profile["features"]] if self.modality == "table" else None
+        self.picked = None if picked == list(range(len(names))) else picked
+        self.columns = [c for c in meta.get("columns") or () if c["name"] in profiled]
+        key = hashlib.sha256(json.dumps([meta["model"], profile]).encode()).hexdigest()[:12]
         # BentoML empties its Prometheus folder when `bentoml serve` starts: counts start at zero.
         root = os.environ.get("DRIFT_DIR") or os.path.join(
             os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.gettempdir(), "normserve-drift")
         self.dir, self.pattern = Path(root), f"{key}-*.f64"
         self.dir.mkdir(parents=True, exist_ok=True)
         # Row 0: since start; rows 1..BUCKETS: the ring of recent buckets. The last column holds
-        # the time a bucket was last added to.
+        # the time a bucket was last added to (row 0: the rows answered, counted or not).
         self.file = np.memmap(self.dir / f"{key}-{os.getpid()}.f64", np.float64, "w+",
                               shape=(1 + BUCKETS, self.layout.size + 1))
         self.counts = self.file.view(np.ndarray)  # the same memory, without memmap's Python hooks
         self.bucket, self.bucket_rows = 0, 0
         # The ring's full buckets (all but the one being filled) hold a window on their own, so
         # one worker alone can fill it.
-        self.bucket_size = max(1, math.ceil(WINDOW / (BUCKETS - 1)))
+        self.bucket_size = max(1, math.ceil(window / (BUCKETS - 1)))
         # Staging: the rows waiting to be counted, copied into fixed arrays (holding on to each
         # request's objects instead makes Python's garbage collector work much harder).
         n = len(self.layout.base)
         self.numbers = np.empty((FLUSH_ROWS, n), np.float32) if n else None
         self.texts = {i: [""] * FLUSH_ROWS for i in self.layout.lookup}
-        self.weights, self.arrivals = np.ones(FLUSH_ROWS), np.zeros(FLUSH_ROWS)
+        self.arrivals = np.zeros(FLUSH_ROWS)
         self.staged = 0
         self.timer = self.gauge_timer = None  # the next count, the next gauge update
-        self.gauges, self.gauges_at = gauges(), -GAUGE_SECONDS
+        self.metrics, self.gauges_at = metrics(), -GAUGE_SECONDS
+        self.exported = np.zeros(self.layout.size)  # this worker's counts already in the counters
+        self.export_reference()
 
     def _features(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, dict[int, list]]:
         """A request's inputs as the layout counts them: numbers [rows, numeric features] and
@@ -98,7 +141,8 @@ class Monitor:
         if self.modality == "image":
             return image_features(feeds[self.input]), {}
         if self.modality == "table":
-            return feeds[self.input], {}
+            X = feeds[self.input]
+            return (X if self.picked is None else X[:, self.picked]), {}
         numeric = [feeds[c["name"]][:, 0] for c in self.columns if c["type"] == "numeric"]
         return (np.stack(numeric, axis=1) if numeric else None,
                 {i: feeds[c["name"]][:, 0].tolist() for i, c in enumerate(self.columns)
@@ -106,10 +150,19 @@ class Monitor:
 
     def observe(self, feeds: dict[str, np.ndarray]) -> None:
         """Stage the checked inputs of an answered request; they are counted within FLUSH_SECONDS."""
+        self.stage(feeds)
+        if self.timer is None:
+            try:
+                self.timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.tick)
+            except RuntimeError:  # no event loop (called directly): count now
+                self.flush()
+
+    def stage(self, feeds: dict[str, np.ndarray]) -> None:
+        """Copy a request's rows (of a large one, every sample_step-th row) to the staging arrays."""
         numeric, texts = self._features(feeds)
         rows = len(numeric) if numeric is not None else len(next(iter(texts.values())))
-        step = SAMPLE_STRIDE if rows > SAMPLE_ABOVE else 1
-        weight, now = rows / len(range(0, rows, step)), time.time()
+        self.counts[0, -1] += rows
+        step, now = sample_step(rows), time.time()
         for first in range(0, rows, step * FLUSH_ROWS):  # a huge request, in pieces
             part = slice(first, first + step * FLUSH_ROWS, step)
             k = len(range(*part.indices(rows)))
@@ -120,16 +173,11 @@ class Monitor:
                 self.numbers[at] = numeric[part]
             for i, values in texts.items():
                 self.texts[i][at] = values[part]
-            self.weights[at], self.arrivals[at] = weight, now
+            self.arrivals[at] = now
             self.staged += k
-        if self.timer is None:
-            try:
-                self.timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.tick)
-            except RuntimeError:  # no event loop (called directly): count now
-                self.flush()
 
     def tick(self) -> None:
-        """Count what is staged; bring the gauges up to date within GAUGE_SECONDS."""
+        """Count what is staged; bring the gauges and counters up to date within GAUGE_SECONDS."""
         self.timer = None
         self.flush()
         if self.gauge_timer is None:
@@ -138,72 +186,101 @@ class Monitor:
 
     def update_gauges(self) -> None:
         self.gauge_timer = None
-        self.set_gauges(self.report())
+        self.export(self.report())
 
     def flush(self) -> None:
         """Count what is staged: the rows that fill the current bucket in one go, then the next
-        bucket's, so the window moves by about a bucket (DRIFT_WINDOW / 9 rows) at a time. A
-        sampled row of a large request stands for the rows around it (its weight)."""
+        bucket's, so the window moves by about a bucket (window / 9 rows) at a time."""
         rows, self.staged = self.staged, 0
         if not rows:
             return
-        weights = self.weights[:rows]
-        answered = np.cumsum(weights)  # rows answered, up to each staged row
-        starts, start, filled = [], 0, self.bucket_rows
-        while start < rows:  # where each bucket's rows begin
-            starts.append(start)
-            before = answered[start - 1] if start else 0.0
-            start = min(rows, int(np.searchsorted(answered, before + self.bucket_size - filled)) + 1)
-            filled = 0
+        first = self.bucket_size - self.bucket_rows  # rows until the current bucket is full
+        starts = [0, *range(first, rows, self.bucket_size)]
         deltas = self.layout.count_groups(None if self.numbers is None else self.numbers[:rows],
                                           {i: values[:rows] for i, values in self.texts.items()},
-                                          weights, starts)
+                                          starts)
         for delta, stop in zip(deltas, starts[1:] + [rows]):
             self.counts[0, :-1] += delta
             self.counts[1 + self.bucket, :-1] += delta
             # Stamped with the arrival of its newest row: the window is ordered across workers.
             self.counts[1 + self.bucket, -1] = self.arrivals[stop - 1]
-            self.bucket_rows += delta[0]
+            self.bucket_rows += int(delta[0])
             if self.bucket_rows >= self.bucket_size:  # the oldest bucket leaves the window
                 self.bucket, self.bucket_rows = (self.bucket + 1) % BUCKETS, 0
                 self.counts[1 + self.bucket] = 0
 
-    def totals(self) -> dict[str, np.ndarray]:
+    def totals(self) -> tuple[dict[str, np.ndarray], int]:
         """Since start: every worker's counts summed. Recent: the newest buckets of all workers,
-        newest first, until they hold WINDOW rows."""
-        since, buckets = np.zeros(self.layout.size), []
+        newest first, until they hold the window's rows. And the rows answered since start."""
+        since, buckets = np.zeros(self.layout.size + 1), []
         for path in self.dir.glob(self.pattern):
             try:
                 counts = np.fromfile(path, np.float64).reshape(1 + BUCKETS, self.layout.size + 1)
             except (OSError, ValueError):  # a worker's file being created
                 continue
-            since += counts[0, :-1]
+            since += counts[0]
             buckets += [b for b in counts[1:] if b[0] > 0]
         recent = np.zeros(self.layout.size)
         for bucket in sorted(buckets, key=lambda b: -b[-1]):
-            if recent[0] >= WINDOW:
+            if recent[0] >= self.window:
                 break
             recent += bucket[:-1]
-        return {"recent": recent, "since_start": since}
+        return {"recent": recent, "since_start": since[:-1]}, int(since[-1])
 
     def report(self) -> dict:
         self.flush()
-        totals = self.totals()
-        windows = {w: compare(self.layout, totals[w], THRESHOLDS, MIN_ROWS) for w in WINDOWS}
-        return {"enabled": True, "verdict": windows["recent"]["verdict"],
-                "window_rows": WINDOW, "min_rows": MIN_ROWS, "thresholds": THRESHOLDS, **windows}
+        totals, answered = self.totals()
+        windows = {w: self.comparison.compare(totals[w]) for w in WINDOWS}
+        s = self.comparison.settings
+        return {"enabled": True, "verdict": windows["recent"]["verdict"], "window_rows": self.window,
+                "min_rows": s.min_rows, "alpha": s.alpha, "thresholds": s.thresholds(),
+                "answered_rows": answered, "not_monitored": self.not_monitored, **windows}
 
-    def set_gauges(self, report: dict) -> None:
+    def export_reference(self) -> None:
+        """The training side of the fleet's comparison, and every counter at zero, so that each
+        series exists from the first scrape (Prometheus's increase() then counts from 0)."""
+        m, model, s = self.metrics, self.model, self.comparison.settings
+        m["reference_rows"].labels(model).set(self.comparison.reference_rows)
+        for name, value in {"alpha": s.alpha, "min_rows": s.min_rows, **s.thresholds()}.items():
+            m["setting"].labels(model, name).set(value)
+        m["counted"].labels(model).inc(0)
+        for test in self.comparison.tests:
+            m["critical"].labels(model, test.name).set(test.critical)
+            for b, share in enumerate(test.shares):
+                m["share"].labels(model, test.name, str(b)).set(share)
+                m["bin_rows"].labels(model, test.name, str(b)).inc(0)
+            if test.kind == "numeric":
+                m["values"].labels(model, test.name).inc(0)
+                for side in ("above", "below"):
+                    m["deviation"].labels(model, test.name, side).inc(0)
+
+    def export(self, report: dict) -> None:
+        """The server's verdicts as gauges; this worker's new counts added to the counters."""
         self.gauges_at = time.monotonic()
-        g = self.gauges
+        m = self.metrics
         for window in WINDOWS:
             r = report[window]
-            g["rows"].labels(window).set(r["rows"])
-            g["overall"].labels(window).set(verdict_code(r["verdict"]))
+            m["rows"].labels(window).set(r["rows"])
+            m["overall"].labels(window).set(verdict_code(r["verdict"]))
             for f in r["features"]:
                 labels = (f["name"], window)
-                g["verdict"].labels(*labels).set(verdict_code(f["verdict"]))
+                m["verdict"].labels(*labels).set(verdict_code(f["verdict"]))
                 if f["psi"] is not None:
-                    g["psi"].labels(*labels).set(f["psi"])
+                    m["psi"].labels(*labels).set(f["psi"])
                 if f.get("mean_shift") is not None:
-                    g["mean_shift"].labels(*labels).set(f["mean_shift"])
+                    m["mean_shift"].labels(*labels).set(f["mean_shift"])
+        new = self.counts[0, :-1] - self.exported
+        if not new[0]:
+            return
+        self.exported += new
+        m["counted"].labels(self.model).inc(new[0])
+        for test, f, offset in zip(self.comparison.tests, self.layout.features, self.layout.offsets):
+            for b, rows in enumerate(test.bin_counts(new)):
+                if rows:
+                    m["bin_rows"].labels(self.model, test.name, str(b)).inc(rows)
+            if test.kind == "numeric":
+                values, above, below = new[offset:offset + 3]
+                std = f["std"] or 1.0
+                m["values"].labels(self.model, test.name).inc(values)
+                m["deviation"].labels(self.model, test.name, "above").inc(above / std)
+                m["deviation"].labels(self.model, test.name, "below").inc(below / std)

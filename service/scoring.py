@@ -99,8 +99,9 @@ class Scorer:
     def drift(self) -> dict:
         """Live inputs vs. the training profile (GET /drift), or why there is no monitor."""
         if self.monitor is None:
-            return {"enabled": False, "reason": "DRIFT=0" if not monitor.ENABLED else
+            return {"enabled": False, "verdict": "not_monitored",
+                    "reason": "DRIFT=0" if not monitor.ENABLED else
                     "this model carries no drift profile (trained before it was recorded)"}
         report = self.monitor.report()
-        self.monitor.set_gauges(report)
+        self.monitor.export(report)
         return {"model": self.tag, **report}
