@@ -149,10 +149,11 @@ def rows_for(meta: dict, n: int, seed: int = 0) -> list[list[float]]:
 
 def monitor_cost(model_path: str, env: dict, meta: dict, args) -> dict:
     """The drift monitor's cost: the service with it on and off (DRIFT=0), both running, loaded in
-    turn (who goes first alternates), --monitor-rounds rounds of --seconds / 2 per case. This VM's
+    turn (who goes first alternates; for half the rounds the other was started first),
+    --monitor-rounds rounds of --seconds / 2 per case. This VM's
     speed wanders by ~10% between runs seconds apart, so the cost is the median of the rounds'
     paired ratios."""
-    servers = {kind: start(kind, model_path, env)[:2] for kind in ("bentoml", "bentoml-nodrift")}
+    kinds = ("bentoml", "bentoml-nodrift")
     buf = io.BytesIO()
     np.save(buf, np.asarray(rows_for(meta, args.big_rows), dtype=np.float32))
     cases = {"1 row x 32 clients": (json.dumps({"instances": rows_for(meta, 1)}).encode(), 32,
@@ -160,25 +161,28 @@ def monitor_cost(model_path: str, env: dict, meta: dict, args) -> dict:
              f"{args.big_rows} rows x 1, JSON": (
                  json.dumps({"instances": rows_for(meta, args.big_rows)}).encode(), 1, "application/json"),
              f"{args.big_rows} rows x 1, .npy": (buf.getvalue(), 1, "application/x-npy")}
-    rates = {(case, kind): [] for case in cases for kind in servers}
-    try:
-        for _, url in servers.values():
-            asyncio.run(load(url, cases["1 row x 32 clients"][0], 8, requests=2000))  # warm-up
-        for round_ in range(args.monitor_rounds):
-            for case, (body, clients, content_type) in cases.items():
-                order = list(servers.items())[::1 if round_ % 2 else -1]
-                for kind, (_, url) in order:
-                    r = asyncio.run(load(url, body, clients, seconds=args.seconds / 2,
-                                         content_type=content_type))
-                    rates[case, kind].append(r["requests_per_s"])
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(timeout=30)
+    rates = {(case, kind): [] for case in cases for kind in kinds}
+    # Half the rounds with the servers started in one order, half in the other: an A/A run (both
+    # off) showed the server started first ~3% faster.
+    for half, started in enumerate((kinds, kinds[::-1])):
+        servers = {kind: start(kind, model_path, env)[:2] for kind in started}
+        try:
+            for _, url in servers.values():
+                asyncio.run(load(url, cases["1 row x 32 clients"][0], 8, requests=2000))  # warm-up
+            for round_ in range(half * args.monitor_rounds // 2, (half + 1) * args.monitor_rounds // 2):
+                for case, (body, clients, content_type) in cases.items():
+                    for kind in kinds[::1 if round_ % 2 else -1]:
+                        r = asyncio.run(load(servers[kind][1], body, clients, seconds=args.seconds / 2,
+                                             content_type=content_type))
+                        rates[case, kind].append(r["requests_per_s"])
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=30)
     result = {}
     print(f"\ndrift monitor on vs. off (DRIFT=0), {args.monitor_rounds} alternating rounds:")
     for case in cases:
-        on, off = (np.array(rates[case, k]) for k in servers)
+        on, off = (np.array(rates[case, k]) for k in kinds)
         cost = float(np.median(1 - on / off))
         result[case] = {"on_req_s": on.tolist(), "off_req_s": off.tolist(), "median_cost": round(cost, 4)}
         print(f"  {case:<24} on {np.median(on):>8.1f} req/s, off {np.median(off):>8.1f} req/s (medians); "

@@ -15,6 +15,7 @@ status and JSON body HTTP would (errors come back as a 4xx Response, not raised)
 """
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -83,6 +84,9 @@ class Predictor:
     def __init__(self) -> None:
         # /readyz turns ready only after this returns: the monitor is started and the graph warm.
         SCORER.start()
+        # Start-up leaves ~100,000 objects that live as long as the worker: out of the garbage
+        # collector's way, so that its full collections do not walk them (50-70 ms pauses).
+        gc.freeze()
 
     @bentoml.api(route=PREDICT_ROUTE)
     async def predict(

@@ -108,9 +108,12 @@ def test_prometheus_sums_two_replicas_into_the_fleet_verdict(model, prometheus_f
         assert list(query(prometheus, "normserve:drift_overall:1h").values()) == [2.0]
         psi = {dict(k)["feature"]: v for k, v in query(prometheus, "normserve:drift_psi:1h").items()}
         shift = {dict(k)["feature"]: v for k, v in query(prometheus, "normserve:drift_mean_shift:1h").items()}
-        for f in expected["features"]:  # increase() extrapolates to the query time: within ~2%
-            assert psi[f["name"]] == pytest.approx(f["psi"], rel=0.05, abs=0.002)
-            assert shift[f["name"]] == pytest.approx(f["mean_shift"], rel=0.05, abs=0.01)
+        # increase() extrapolates each replica's counts from its last scrape to the evaluation
+        # time: negligible over an hour of 15 s scrapes, up to ~10% of a replica's weight over
+        # the few seconds this test runs.
+        for f in expected["features"]:
+            assert psi[f["name"]] == pytest.approx(f["psi"], rel=0.2, abs=0.005)
+            assert shift[f["name"]] == pytest.approx(f["mean_shift"], rel=0.2, abs=0.02)
     finally:
         for proc, _ in replicas:
             proc.terminate()

@@ -97,8 +97,12 @@ class Layout:
             self.edges[:len(self.features[i]["edges"]), col] = self.features[i]["edges"]
         self.base = np.array([self.offsets[i] for i in numeric], dtype=np.intp)
         self.moments = np.concatenate([self.base + k for k in range(5)])
-        self.first_bin = self.base + 5
-        self.means = np.array([self.features[i]["mean"] for i in numeric])
+        # Bin b of numeric feature col (b = 0 .. its edges) and its slot in the counts vector.
+        self.bin_b, self.bin_col = map(np.array, zip(*[(b, col) for col, i in enumerate(numeric)
+                                                       for b in range(len(self.features[i]["edges"]) + 1)]
+                                                     or [(0, 0)]))
+        self.bin_slot = self.base[self.bin_col] + 5 + self.bin_b if numeric else np.zeros(0, np.intp)
+        self.means = np.array([self.features[i]["mean"] for i in numeric], dtype=np.float32)
         self.lookup = {i: {c: k for k, c in enumerate(f["categories"])}
                        for i, f in enumerate(self.features) if f["kind"] == "categorical"}
 
@@ -109,42 +113,45 @@ class Layout:
 
     def count_groups(self, numeric, categorical=None, starts=(0,)) -> np.ndarray:
         """count() for consecutive groups of rows at once (group g starts at row starts[g]):
-        [groups, size]. One pass, whatever the number of groups."""
+        [groups, size]. One pass, whatever the number of groups, with temporaries no larger than
+        the batch (the monitor counts often: its cost is mostly memory traffic)."""
         rows = len(numeric) if numeric is not None else len(next(iter(categorical.values())))
-        w = np.ones(rows)
         starts = np.asarray(starts, dtype=np.intp)
-        group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, rows)))
+        sizes = np.diff(np.append(starts, rows))
         out = np.zeros((len(starts), self.size))
-        out[:, 0] = np.diff(np.append(starts, rows))
+        out[:, 0] = sizes
         if numeric is not None and numeric.size:
             X = np.asarray(numeric, dtype=np.float32)
-            bins, above = np.zeros(X.shape, np.int8), np.empty(X.shape, bool)
-            for edge in self.edges:  # bins = how many edges lie below each value (= bin_index)
-                np.greater(X, edge, out=above)
-                bins += above
-            slots = bins + self.first_bin + (group * self.size)[:, None]
-            out += np.bincount(slots.ravel(), np.broadcast_to(w[:, None], X.shape).ravel(),
-                               minlength=out.size).reshape(out.shape)
-            deviation = X - self.means  # float64
-            missing = np.zeros((len(starts), X.shape[1]))
-            if np.isnan(X).any():  # mixed tables: a missing value (NaN), binned as 0 above
-                gaps = np.isnan(X)
-                missing = np.add.reduceat(w[:, None] * gaps, starts)
-                out[:, self.first_bin] -= missing
-                deviation = np.where(gaps, 0, deviation)
-            wd = w[:, None] * deviation
+            bounds = list(zip(starts, np.append(starts[1:], rows)))
+            gaps = np.isnan(X)
+            missing = np.array([np.count_nonzero(gaps[a:b], axis=0) for a, b in bounds], dtype=float)
+            # above[j]: per group and feature, the values above edge j - 1 (above[0]: all present
+            # values, the last: none); the values in bin b are above[b] - above[b + 1].
+            above = np.zeros((len(self.edges) + 2, len(starts), X.shape[1]))
+            above[0] = sizes[:, None] - missing
+            for j, edge in enumerate(self.edges, start=1):
+                np.greater(X, edge, out=gaps)  # NaN is above no edge
+                above[j] = [np.count_nonzero(gaps[a:b], axis=0) for a, b in bounds]
+            in_bin = above[:-1] - above[1:]
+            out[:, self.bin_slot] += in_bin[self.bin_b, :, self.bin_col].T
+            deviation = X - self.means  # float32, the batch's size
+            if missing.any():
+                np.nan_to_num(deviation, copy=False)  # a missing value deviates by 0
+            def sums(values):
+                return np.array([values[a:b].sum(axis=0, dtype=np.float64) for a, b in bounds])
+            total, up = sums(deviation), sums(np.maximum(deviation, 0))
+            squares = sums(np.square(deviation, out=deviation))
             # Per feature: values seen, deviations above and below the training mean, squared
             # deviations, missing values.
-            out[:, self.moments] += np.concatenate(
-                [out[:, :1] - missing, np.add.reduceat(np.maximum(wd, 0), starts),
-                 np.add.reduceat(np.maximum(-wd, 0), starts), np.add.reduceat(wd * deviation, starts),
-                 missing], axis=1)
+            out[:, self.moments] += np.concatenate([above[0], up, up - total, squares, missing], axis=1)
+        if categorical:
+            group = np.repeat(np.arange(len(starts)), sizes)
         for i, values in (categorical or {}).items():
             start, known = self.offsets[i], self.lookup[i]
             other = len(known)
             idx = np.fromiter((known.get(v, other) for v in values), dtype=np.intp, count=len(values))
             width = other + 1
-            counted = np.bincount(group * width + idx, w, minlength=len(starts) * width)
-            out[:, start] += out[:, 0]
+            counted = np.bincount(group * width + idx, minlength=len(starts) * width)
+            out[:, start] += sizes
             out[:, start + 1:start + 1 + width] += counted.reshape(len(starts), width)
         return out
