@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for f in draw(report, args.window, max(1, args.top), args.out):
         shift = f" shift {f['mean_shift']:+.2f} sd" if f.get("mean_shift") is not None else ""
-        print(f"{f['verdict']:<8} {f['name']}: PSI {f['psi']:.3f}{shift}")
+        test = f", p {f['p_value']:.2g}" if f.get("p_value") is not None else ""
+        print(f"{f['verdict']:<8} {f['name']}: PSI {f['psi']:.3f}{shift}{test}")
     print(f"overall {report[args.window]['verdict']} over {report[args.window]['rows']} rows; "
           f"wrote {args.out}")
     return 0
