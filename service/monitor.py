@@ -34,7 +34,7 @@ from training.drift_stats import VERDICTS, Comparison, Settings
 ENABLED = os.environ.get("DRIFT", "1") != "0"
 WINDOW = int(os.environ.get("DRIFT_WINDOW", "10000"))     # counted rows in the recent window (all workers)
 SETTINGS = Settings(alpha=float(os.environ.get("DRIFT_ALPHA", Settings.alpha)),
-                    min_rows=int(os.environ.get("DRIFT_MIN_ROWS", Settings.min_rows)),
+                    min_rows=max(1, int(os.environ.get("DRIFT_MIN_ROWS", Settings.min_rows))),
                     **{name: float(os.environ.get(f"DRIFT_{name.upper()}", default))
                        for name, default in Settings().thresholds().items()})
 BUCKETS = 10

@@ -127,3 +127,23 @@ def test_features_without_a_profile_are_not_monitored(tmp_path, monkeypatch):
     bare = Scorer(None, {"model": "old:1", "task": "regression", "feature_names": ["a"], "classes": None,
                          "input": "x"}, 10)
     assert bare.drift()["verdict"] == "not_monitored" and not bare.drift()["enabled"]
+
+
+def test_a_rare_flag_and_a_constant_column_can_still_move():
+    """A flag set in 1% of training rows, and a constant column, keep two test bins: the largest
+    bin against the rest (pooled to one bin, nothing could ever flag them)."""
+    rng = np.random.default_rng(11)
+    train = np.stack([(rng.random(20000) < 0.01).astype(float), np.zeros(20000)], axis=1)
+    layout = drift.Layout(drift.profile(train, "table", ["flag", "constant"], None))
+    comparison = drift_stats.Comparison(layout, drift_stats.Settings(), len(train))
+    calm = np.stack([(rng.random(5000) < 0.01), np.zeros(5000)], axis=1).astype(np.float32)
+    assert comparison.compare(layout.count(calm))["verdict"] == "ok"
+    moved = np.stack([(rng.random(5000) < 0.5), np.full(5000, 7.0)], axis=1).astype(np.float32)
+    result = comparison.compare(layout.count(moved))
+    assert [f["verdict"] for f in result["features"]] == ["retrain", "retrain"]
+
+
+def test_huge_values_keep_finite_moments():
+    layout = drift.Layout(drift.profile(np.zeros((100, 1)) + np.arange(100)[:, None], "table", ["x"], None))
+    counts = layout.count(np.full((3, 1), 3e38, np.float32))
+    assert np.isfinite(counts).all()

@@ -140,7 +140,8 @@ class Layout:
             def sums(values):
                 return np.array([values[a:b].sum(axis=0, dtype=np.float64) for a, b in bounds])
             total, up = sums(deviation), sums(np.maximum(deviation, 0))
-            squares = sums(np.square(deviation, out=deviation))
+            squares = np.array([np.einsum("ij,ij->j", deviation[a:b], deviation[a:b], dtype=np.float64)
+                                for a, b in bounds])  # in float64: a float32 square overflows past 1.8e19
             # Per feature: values seen, deviations above and below the training mean, squared
             # deviations, missing values.
             out[:, self.moments] += np.concatenate([above[0], up, up - total, squares, missing], axis=1)

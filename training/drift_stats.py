@@ -102,7 +102,9 @@ def pool(shares: np.ndarray, min_share: float, order: np.ndarray) -> np.ndarray:
     stay alone. The pool is one: split by training counts, its parts would be biased (the rarest
     categories of a training sample are rarer there than in truth). Where that leaves one bin
     (every bin rare: a small window), consecutive bins in `order`, an order that does not depend
-    on the counts, are pooled until each pool holds min_share."""
+    on the counts, are pooled until each pool holds min_share. A feature keeps two test bins at
+    least (a flag set in 1% of training rows, a constant column: the largest bin against the rest),
+    even where the rest expects fewer rows."""
     ranked = list(np.argsort(shares, kind="stable"))
     small = [i for i in ranked if shares[i] < min_share]
     rest = [i for i in ranked if shares[i] >= min_share]
@@ -118,6 +120,8 @@ def pool(shares: np.ndarray, min_share: float, order: np.ndarray) -> np.ndarray:
             group[i], total = g, total + shares[i]
         if total < min_share and g > 0:  # a last pool short of min_share joins the one before
             group[group == g] = g - 1
+    if len(shares) > 1 and len(set(group.tolist())) < 2:  # never one test bin: nothing could move it
+        group = np.where(np.arange(len(shares)) == np.argmax(shares), 0, 1)
     _, first, inverse = np.unique(group, return_index=True, return_inverse=True)
     return np.argsort(np.argsort(first))[inverse]  # numbered in the order of their first bins
 
