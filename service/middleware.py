@@ -107,6 +107,29 @@ class FastPredict:
         await send_json(send, *self.answers[kind](body))
 
 
+class OpenInference:
+    """The Open Inference Protocol's paths (/v2 and below), answered by `protocol.handle`
+    (service/oip.py); a binary answer goes out as application/octet-stream."""
+
+    def __init__(self, app, protocol):
+        self.app, self.protocol = app, protocol
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/v2" or path.startswith("/v2/")):
+            return await self.app(scope, receive, send)
+        body = await _read_body(receive) if scope["method"] == "POST" else b""
+        if body is None:
+            return
+        length = next((v for k, v in scope["headers"] if k == b"inference-header-content-length"), None)
+        status, headers, answer = self.protocol.handle(scope["method"], path, body, length)
+        kind = b"application/octet-stream" if headers else b"application/json"
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(answer)).encode()),
+                                *headers]})
+        await send({"type": "http.response.body", "body": answer})
+
+
 def _posted_to(scope, route: str) -> bool:
     return scope["type"] == "http" and scope["path"] == route and scope["method"] == "POST"
 

@@ -61,8 +61,8 @@ class Scorer:
 
     # ---- scoring ------------------------------------------------------------------------------
 
-    def score(self, feeds: dict[str, np.ndarray]) -> bytes:
-        """Run the graph on checked raw inputs; the answer as JSON bytes."""
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the graph on checked raw inputs and count them for the drift monitor."""
         out = self.session.run(self.outputs, feeds)
         finite = np.isfinite(out[0].reshape(len(out[0]), -1)).all(axis=1)
         if not finite.all():  # float32 overflow inside the graph: never answer NaN as null
@@ -71,6 +71,11 @@ class Scorer:
                              f"outside the training data?); {len(rows)} row(s) affected")
         if self.monitor is not None:  # only answered inputs are counted
             self.monitor.observe(feeds)
+        return out
+
+    def score(self, feeds: dict[str, np.ndarray]) -> bytes:
+        """Run the graph on checked raw inputs; the answer as JSON bytes."""
+        out = self.run(feeds)
         if self.task == "classification":
             probabilities, labels = out
             body = {"predictions": [self.classes[i] for i in labels.tolist()],

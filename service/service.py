@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +32,8 @@ from starlette.routing import Route
 from service import bentoml_patches
 from service.inputs import BadRequest
 from service.loading import open_model, resolve_model_tag
-from service.middleware import BodyLimit, FastPredict, UploadGuard
+from service.middleware import BodyLimit, FastPredict, OpenInference, UploadGuard
+from service.oip import Protocol
 from service.schema import example, instances_type
 from service.scoring import Scorer
 from training.contract import PIPELINE_LABEL
@@ -127,3 +129,4 @@ Predictor.add_asgi_middleware(BodyLimit, max_bytes=int(MAX_BODY_MB * 2 ** 20))
 Predictor.add_asgi_middleware(UploadGuard, route=UPLOAD_ROUTE, field=UPLOAD_FIELD)
 Predictor.add_asgi_middleware(FastPredict, route=PREDICT_ROUTE, json=SCORER.answer_json,
                               npy=SCORER.answer_npy)
+Predictor.add_asgi_middleware(OpenInference, protocol=Protocol(SCORER, version("normserve")))

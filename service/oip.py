@@ -1,0 +1,278 @@
+"""The Open Inference Protocol (KServe "V2", REST) on the same server as /predict, with its binary
+tensor extension: what tritonclient, KServe's and Seldon's clients speak.
+
+    GET  /v2, /v2/health/live, /v2/health/ready
+    GET  /v2/models/{name}[/versions/{version}], .../ready
+    POST /v2/models/{name}[/versions/{version}]/infer
+
+{name} and {version} are the model's in the BentoML store. Inputs are the graph's: one FP32
+[-1, features] tensor for a table; one [-1, 1] tensor per column for a mixed table (FP32 numbers,
+NaN for a gap; BYTES text); UINT8 [-1, channels, height, width] for images. Outputs: classification
+`probabilities` FP32 [-1, classes], `label` INT64 [-1] (the class's index) and `prediction` BYTES
+[-1] (the class as text); the model metadata's `parameters.classes` lists the classes in index
+order. Regression: `prediction` FP32. The inputs go through the same checks as /predict (the JSON
+rows are handed to the same parsers), the same row limit and the same drift monitor.
+"""
+from __future__ import annotations
+
+import math
+import re
+import struct
+
+import numpy as np
+import orjson
+
+from service.inputs import BadRequest, parse_records
+
+DTYPES = {"FP32": np.float32, "INT64": np.int64, "UINT8": np.uint8}
+ROUTE = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?")
+HEADER_LENGTH = b"inference-header-content-length"
+
+
+class NotFound(BadRequest):
+    def __init__(self, message: str):
+        super().__init__(message, status=404)
+
+
+class Protocol:
+    def __init__(self, scorer, version: str):
+        self.scorer, self.server_version = scorer, version
+        self.name, self.version = scorer.tag.split(":", 1)
+        if scorer.columns:
+            self.inputs = [{"name": c["name"], "datatype": "FP32" if c["type"] == "numeric" else "BYTES",
+                            "shape": [-1, 1]} for c in scorer.columns]
+        else:
+            self.inputs = [{"name": scorer.input, "datatype": "UINT8" if scorer.image else "FP32",
+                            "shape": [-1, *scorer.shape]}]
+        self.outputs = ([{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(scorer.classes)]},
+                         {"name": "label", "datatype": "INT64", "shape": [-1]},
+                         {"name": "prediction", "datatype": "BYTES", "shape": [-1]}]
+                        if scorer.task == "classification" else
+                        [{"name": "prediction", "datatype": "FP32", "shape": [-1]}])
+
+    # ---- metadata ---------------------------------------------------------------------------
+
+    def server_metadata(self) -> dict:
+        return {"name": "normserve", "version": self.server_version, "extensions": ["binary_tensor_data"]}
+
+    def model(self, name: str, version: str | None) -> None:
+        if name != self.name:
+            raise NotFound(f"unknown model {name!r}; this server serves {self.name!r}")
+        if version is not None and version != self.version:
+            raise NotFound(f"model {name!r} has no version {version!r}; it serves {self.version!r}")
+
+    def model_metadata(self) -> dict:
+        return {"name": self.name, "versions": [self.version], "platform": "onnxruntime_onnx",
+                "inputs": self.inputs, "outputs": self.outputs,
+                "parameters": {"task": self.scorer.task, "classes": self.scorer.classes}}
+
+    def handle(self, method: str, path: str, body: bytes, header_length: bytes | None) -> tuple[int, list, bytes]:
+        """(status, extra headers, body) for a request to a /v2 path."""
+        try:
+            if path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+                allow(method, "GET")
+                return 200, [], orjson.dumps(self.server_metadata() if path == "/v2" else
+                                             {path.rsplit("/", 1)[1]: True})
+            route = ROUTE.fullmatch(path)
+            if route is None:
+                raise NotFound(f"no such path {path}; the protocol's paths are /v2, /v2/health/live|ready "
+                               f"and /v2/models/{self.name}[/versions/{self.version}][/ready|/infer]")
+            self.model(route["name"], route["version"])
+            if route["action"] == "/infer":
+                allow(method, "POST")
+                return self.infer(body, header_length)
+            allow(method, "GET")
+            return 200, [], orjson.dumps({"name": self.name, "ready": True} if route["action"]
+                                         else self.model_metadata())
+        except BadRequest as e:
+            return e.status, [], orjson.dumps({"error": str(e)})
+
+    # ---- inference --------------------------------------------------------------------------
+
+    def infer(self, body: bytes, header_length: bytes | None) -> tuple[int, list, bytes]:
+        """(status, extra headers, body) for POST .../infer."""
+        try:
+            head, binary = split_body(body, header_length)
+            request = loads(head)
+            tensors = self.read_inputs(request, binary)
+            out = self.scorer.run(self.feeds(tensors))
+            return 200, *self.write_outputs(request, out)
+        except BadRequest as e:
+            return e.status, [], orjson.dumps({"error": str(e)})
+
+    def read_inputs(self, request: dict, binary: bytes) -> dict:
+        given = request.get("inputs")
+        if not isinstance(given, list) or not all(isinstance(t, dict) for t in given):
+            raise BadRequest("'inputs' must be a list of tensors ({\"name\", \"datatype\", \"shape\", \"data\"})")
+        expected = {t["name"]: t for t in self.inputs}
+        names = [t.get("name") for t in given]
+        if unknown := [str(n) for n in names if n not in expected]:
+            raise BadRequest(f"unknown input(s) {', '.join(unknown)}; the model takes "
+                             f"{', '.join(expected)} (GET /v2/models/{self.name})")
+        if missing := [n for n in expected if n not in names]:
+            raise BadRequest(f"missing input(s) {', '.join(missing)}")
+        if len(set(names)) != len(names):
+            raise BadRequest("an input is given twice")
+        tensors, offset = {}, 0
+        for t in given:
+            spec, name = expected[t["name"]], t["name"]
+            if t.get("datatype") != spec["datatype"]:
+                raise BadRequest(f"input {name}: datatype {t.get('datatype')!r}, expected {spec['datatype']}")
+            shape = t.get("shape")
+            if (not isinstance(shape, list) or len(shape) != len(spec["shape"])
+                    or not all(type(d) is int and d >= 0 for d in shape) or shape[1:] != spec["shape"][1:]):
+                raise BadRequest(f"input {name}: shape {shape}, expected {spec['shape']} (-1: any number of rows)")
+            if not 1 <= shape[0] <= self.scorer.max_rows:
+                raise BadRequest(f"input {name}: {shape[0]} rows; send 1 to {self.scorer.max_rows} "
+                                 "per request (or raise MAX_ROWS)")
+            count = math.prod(shape)
+            size = (t.get("parameters") or {}).get("binary_data_size")
+            if size is not None:
+                if type(size) is not int or size < 0 or offset + size > len(binary):
+                    raise BadRequest(f"input {name}: binary_data_size {size!r} overruns the "
+                                     f"{len(binary)} bytes of binary data after the JSON header")
+                values = from_binary(binary[offset:offset + size], spec["datatype"], count, name)
+                offset += size
+            else:
+                values = flatten(t.get("data"), name)
+                if len(values) != count:
+                    raise BadRequest(f"input {name}: shape {shape} holds {count} values, data has {len(values)}")
+            tensors[name] = (values, shape)
+        if offset != len(binary):
+            raise BadRequest(f"{len(binary) - offset} bytes of binary data that no input's binary_data_size claims")
+        if len({shape[0] for _, shape in tensors.values()}) > 1:
+            raise BadRequest("the inputs have different numbers of rows")
+        return tensors
+
+    def feeds(self, tensors: dict) -> dict[str, np.ndarray]:
+        """The checked graph inputs, by the parsers /predict uses."""
+        s = self.scorer
+        if s.columns:  # records, with NaN (binary FP32) and null as gaps
+            columns = [as_list(*tensors[c["name"]]) for c in s.columns]
+            return parse_records([list(row) for row in zip(*columns)], s.columns, s.max_rows)
+        values, shape = tensors[s.input]
+        if isinstance(values, np.ndarray):  # binary: check the array itself
+            array = values.reshape(shape)
+            if not s.image and not np.isfinite(array).all():
+                i, j = np.argwhere(~np.isfinite(array))[0]
+                raise BadRequest(f"row {i}, feature {s.feature_names[j]!r}: expected a finite number, "
+                                 f"got {array[i, j]}")
+            return {s.input: array}
+        return s.check(nest(values, shape))  # JSON: the rows (or images) as /predict takes them
+
+    def write_outputs(self, request: dict, out: list[np.ndarray]) -> tuple[list, bytes]:
+        s = self.scorer
+        if s.task == "classification":
+            probabilities, labels = out
+            tensors = {"probabilities": probabilities.astype(np.float32), "label": labels.astype(np.int64),
+                       "prediction": [str(s.classes[i]) for i in labels.tolist()]}
+        else:
+            tensors = {"prediction": out[0].astype(np.float32).reshape(len(out[0]))}
+        wanted = request.get("outputs")
+        all_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
+        if wanted is None:
+            wanted = [{"name": name} for name in tensors]
+        if not isinstance(wanted, list) or not all(isinstance(w, dict) for w in wanted):
+            raise BadRequest("'outputs' must be a list of {\"name\": ...}")
+        if unknown := [str(w.get("name")) for w in wanted if w.get("name") not in tensors]:
+            raise BadRequest(f"unknown output(s) {', '.join(unknown)}; the model gives {', '.join(tensors)}")
+        answers, blobs = [], []
+        for w in wanted:
+            spec = next(o for o in self.outputs if o["name"] == w["name"])
+            value = tensors[w["name"]]
+            shape = [len(value), *np.shape(value)[1:]]
+            entry = {"name": w["name"], "datatype": spec["datatype"], "shape": shape}
+            if (w.get("parameters") or {}).get("binary_data", all_binary):
+                blob = to_binary(value)
+                entry["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                entry["data"] = np.asarray(value).ravel() if isinstance(value, np.ndarray) else value
+            answers.append(entry)
+        doc = {"model_name": self.name, "model_version": self.version, "outputs": answers}
+        if "id" in request:
+            doc["id"] = request["id"]
+        head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        if not blobs:
+            return [], head
+        return [(b"inference-header-content-length", str(len(head)).encode())], head + b"".join(blobs)
+
+
+# ---- the wire format ------------------------------------------------------------------------
+
+def allow(method: str, expected: str) -> None:
+    if method != expected:
+        raise BadRequest(f"{method} is not allowed here; use {expected}", status=405)
+
+
+def split_body(body: bytes, header_length: bytes | None) -> tuple[bytes, bytes]:
+    """The JSON header and the binary tensor data after it."""
+    if header_length is None:
+        return body, b""
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise BadRequest(f"Inference-Header-Content-Length {header_length.decode(errors='replace')!r} "
+                         f"is not a length within the {len(body)}-byte body")
+    return body[:int(header_length)], body[int(header_length):]
+
+
+def loads(head: bytes) -> dict:
+    try:
+        request = orjson.loads(head)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON: {e}") from None
+    if not isinstance(request, dict):
+        raise BadRequest("the request must be a JSON object {\"inputs\": [...]}")
+    return request
+
+
+def flatten(data, name: str) -> list:
+    """The data of a JSON tensor, row-major: flat or nested lists."""
+    if not isinstance(data, list):
+        raise BadRequest(f"input {name}: 'data' must be a list (or binary_data_size given)")
+    while data and all(isinstance(d, list) for d in data):
+        data = [v for d in data for v in d]
+    return data
+
+
+def from_binary(raw: bytes, datatype: str, count: int, name: str):
+    if datatype == "BYTES":
+        values, at = [], 0
+        while at < len(raw):
+            if at + 4 > len(raw):
+                raise BadRequest(f"input {name}: a BYTES element's length runs past its binary data")
+            (n,), at = struct.unpack_from("<I", raw, at), at + 4
+            if at + n > len(raw):
+                raise BadRequest(f"input {name}: a BYTES element of {n} bytes runs past its binary data")
+            try:
+                values.append(raw[at:at + n].decode())
+            except UnicodeDecodeError:
+                raise BadRequest(f"input {name}: a BYTES element is not UTF-8 text") from None
+            at += n
+        if len(values) != count:
+            raise BadRequest(f"input {name}: {len(values)} BYTES elements for a shape of {count} values")
+        return values
+    dtype = np.dtype(DTYPES[datatype]).newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise BadRequest(f"input {name}: {len(raw)} bytes of binary data for {count} {datatype} values "
+                         f"({count * dtype.itemsize} bytes)")
+    return np.frombuffer(raw, dtype).astype(DTYPES[datatype])
+
+
+def to_binary(value) -> bytes:
+    if isinstance(value, np.ndarray):
+        return value.astype(value.dtype.newbyteorder("<")).tobytes()
+    return b"".join(struct.pack("<I", len(b)) + b for b in (v.encode() for v in value))
+
+
+def as_list(values, shape) -> list:
+    """A [-1, 1] column as a list, NaN (a gap in binary FP32) as null."""
+    if isinstance(values, np.ndarray):
+        return [None if v != v else v for v in values.tolist()]
+    return list(values)
+
+
+def nest(values: list, shape: list[int]):
+    """Flat row-major values as nested lists of the shape."""
+    for size in reversed(shape[1:]):
+        values = [values[i:i + size] for i in range(0, len(values), size)]
+    return values
