@@ -106,6 +106,8 @@ class Protocol:
             raise BadRequest("'inputs' must be a list of tensors ({\"name\", \"datatype\", \"shape\", \"data\"})")
         expected = {t["name"]: t for t in self.inputs}
         names = [t.get("name") for t in given]
+        if not all(isinstance(n, str) for n in names):
+            raise BadRequest("every input needs a 'name' (a string)")
         if unknown := [str(n) for n in names if n not in expected]:
             raise BadRequest(f"unknown input(s) {', '.join(unknown)}; the model takes "
                              f"{', '.join(expected)} (GET /v2/models/{self.name})")
@@ -126,7 +128,7 @@ class Protocol:
                 raise BadRequest(f"input {name}: {shape[0]} rows; send 1 to {self.scorer.max_rows} "
                                  "per request (or raise MAX_ROWS)")
             count = math.prod(shape)
-            size = (t.get("parameters") or {}).get("binary_data_size")
+            size = parameters(t, f"input {name}").get("binary_data_size")
             if size is not None:
                 if type(size) is not int or size < 0 or offset + size > len(binary):
                     raise BadRequest(f"input {name}: binary_data_size {size!r} overruns the "
@@ -169,10 +171,11 @@ class Protocol:
         else:
             tensors = {"prediction": out[0].astype(np.float32).reshape(len(out[0]))}
         wanted = request.get("outputs")
-        all_binary = bool((request.get("parameters") or {}).get("binary_data_output"))
+        all_binary = bool(parameters(request, "the request").get("binary_data_output"))
         if wanted is None:
             wanted = [{"name": name} for name in tensors]
-        if not isinstance(wanted, list) or not all(isinstance(w, dict) for w in wanted):
+        if not isinstance(wanted, list) or not all(isinstance(w, dict) and isinstance(w.get("name"), str)
+                                                   for w in wanted):
             raise BadRequest("'outputs' must be a list of {\"name\": ...}")
         if unknown := [str(w.get("name")) for w in wanted if w.get("name") not in tensors]:
             raise BadRequest(f"unknown output(s) {', '.join(unknown)}; the model gives {', '.join(tensors)}")
@@ -182,7 +185,7 @@ class Protocol:
             value = tensors[w["name"]]
             shape = [len(value), *np.shape(value)[1:]]
             entry = {"name": w["name"], "datatype": spec["datatype"], "shape": shape}
-            if (w.get("parameters") or {}).get("binary_data", all_binary):
+            if parameters(w, f"output {w['name']}").get("binary_data", all_binary):
                 blob = to_binary(value)
                 entry["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
@@ -222,7 +225,18 @@ def loads(head: bytes) -> dict:
         raise BadRequest(f"malformed JSON: {e}") from None
     if not isinstance(request, dict):
         raise BadRequest("the request must be a JSON object {\"inputs\": [...]}")
+    if not isinstance(request.get("id", ""), str):
+        raise BadRequest("'id' must be a string")
+    parameters(request, "the request")
     return request
+
+
+def parameters(obj: dict, what: str) -> dict:
+    """An object's `parameters` (an object, if given)."""
+    found = obj.get("parameters") or {}
+    if not isinstance(found, dict):
+        raise BadRequest(f"the parameters of {what} must be an object")
+    return found
 
 
 def flatten(data, name: str) -> list:

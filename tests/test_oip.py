@@ -83,12 +83,12 @@ def test_regression_and_the_outputs_asked_for(regression_server, regressor):
 
 
 def test_only_the_outputs_asked_for(server, classifier):
-    body = {"id": 5, "inputs": [{"name": classifier.card["input"], "datatype": "FP32",
+    body = {"id": "5", "inputs": [{"name": classifier.card["input"], "datatype": "FP32",
                                  "shape": [1, classifier.data.split.X_test.shape[1]],
                                  "data": classifier.data.split.X_test[0].tolist()}],
             "outputs": [{"name": "label"}]}
     status, answer = post(server + infer_path(classifier), json.dumps(body).encode())
-    assert status == 200 and answer["id"] == 5
+    assert status == 200 and answer["id"] == "5"
     assert [o["name"] for o in answer["outputs"]] == ["label"] and answer["outputs"][0]["shape"] == [1]
 
 
@@ -210,3 +210,30 @@ def test_protocol_rows_are_counted_by_the_drift_monitor(server, classifier):
     X = classifier.data.split.X_test[:9].astype(np.float32)
     infer(server, classifier.tag.split(":")[0], {classifier.card["input"]: (X, "FP32")}, True)
     assert request(server + "/drift")[1]["answered_rows"] == before + 9
+
+
+def test_schemathesis_over_the_protocol_finds_no_server_error(server, classifier, tmp_path):
+    """schemathesis generates requests (valid and invalid) from the protocol's OpenAPI document
+    as this server serves it (docs/oip-openapi.yaml), here with this model's name and version so
+    that the bodies reach inference: no 5xx, only documented codes and bodies."""
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    import yaml
+    from test_service import ROOT
+    spec = yaml.safe_load((ROOT / "docs" / "oip-openapi.yaml").read_text())
+    name, version = classifier.tag.split(":")
+    for param, value in (("model_name", name), ("model_version", version)):
+        spec["components"]["parameters"][param]["schema"] = {"type": "string", "enum": [value]}
+    (tmp_path / "oip.json").write_text(json.dumps(spec))
+    st = shutil.which("st") or shutil.which("schemathesis")
+    proc = subprocess.run(
+        [st, "run", str(tmp_path / "oip.json"), "--url", server, "--max-examples", "150",
+         "--seed", "7", "--checks", "not_a_server_error,response_schema_conformance,"
+                                    "status_code_conformance,content_type_conformance"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
+    generated = re.search(r"(\d+) generated", proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert generated and int(generated.group(1)) >= 500, proc.stdout[-1000:]
