@@ -87,13 +87,15 @@ def tree_rss_mb(proc: subprocess.Popen) -> float:
 
 
 async def load(url: str, body: bytes, concurrency: int, seconds: float | None = None,
-               requests: int | None = None, content_type: str = "application/json") -> dict:
-    """`concurrency` clients posting `body` back to back, for `seconds` or `requests` in all."""
+               requests: int | None = None, content_type: str = "application/json",
+               path: str = "/predict", headers: dict | None = None, keep: bool = False) -> dict:
+    """`concurrency` clients posting `body` to `path` back to back, for `seconds` or `requests` in
+    all (`keep`: the latencies too, in ms)."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + (seconds or 1e9)
     remaining = requests if requests is not None else float("inf")
-    headers = {"Content-Type": content_type}
+    headers = {"Content-Type": content_type, **(headers or {})}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         async def client():
             nonlocal errors, remaining
@@ -101,7 +103,7 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float | None = 
                 remaining -= 1
                 t = time.perf_counter()
                 try:
-                    async with session.post(url + "/predict", data=body, headers=headers) as r:
+                    async with session.post(url + path, data=body, headers=headers) as r:
                         await r.read()
                         ok = r.status == 200
                 except aiohttp.ClientError:
@@ -115,7 +117,7 @@ async def load(url: str, body: bytes, concurrency: int, seconds: float | None = 
     return {"requests": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
             "requests_per_s": round(len(latencies) / elapsed, 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 2),
-            "p99_ms": round(float(np.percentile(lat, 99)), 2)}
+            "p99_ms": round(float(np.percentile(lat, 99)), 2), **({"latencies_ms": lat} if keep else {})}
 
 
 def in_process(model_path: str, rows_list: list[np.ndarray], seconds: float) -> list[dict]:
