@@ -49,6 +49,8 @@ class Protocol:
                          {"name": "prediction", "datatype": "BYTES", "shape": [-1]}]
                         if scorer.task == "classification" else
                         [{"name": "prediction", "datatype": "FP32", "shape": [-1]}])
+        self.datatypes = {o["name"]: o["datatype"] for o in self.outputs}
+        self.class_texts = [str(c) for c in scorer.classes or ()]  # `prediction` of classification
 
     # ---- metadata ---------------------------------------------------------------------------
 
@@ -166,10 +168,10 @@ class Protocol:
         s = self.scorer
         if s.task == "classification":
             probabilities, labels = out
-            tensors = {"probabilities": probabilities.astype(np.float32), "label": labels.astype(np.int64),
-                       "prediction": [str(s.classes[i]) for i in labels.tolist()]}
+            tensors = {"probabilities": np.asarray(probabilities, np.float32),
+                       "label": np.asarray(labels, np.int64), "prediction": [self.class_texts[i] for i in labels.tolist()]}
         else:
-            tensors = {"prediction": out[0].astype(np.float32).reshape(len(out[0]))}
+            tensors = {"prediction": np.asarray(out[0], np.float32).reshape(len(out[0]))}
         wanted = request.get("outputs")
         all_binary = bool(parameters(request, "the request").get("binary_data_output"))
         if wanted is None:
@@ -181,16 +183,15 @@ class Protocol:
             raise BadRequest(f"unknown output(s) {', '.join(unknown)}; the model gives {', '.join(tensors)}")
         answers, blobs = [], []
         for w in wanted:
-            spec = next(o for o in self.outputs if o["name"] == w["name"])
-            value = tensors[w["name"]]
-            shape = [len(value), *np.shape(value)[1:]]
-            entry = {"name": w["name"], "datatype": spec["datatype"], "shape": shape}
-            if parameters(w, f"output {w['name']}").get("binary_data", all_binary):
+            name, value = w["name"], tensors[w["name"]]
+            shape = list(value.shape) if isinstance(value, np.ndarray) else [len(value)]
+            entry = {"name": name, "datatype": self.datatypes[name], "shape": shape}
+            if parameters(w, f"output {name}").get("binary_data", all_binary):
                 blob = to_binary(value)
                 entry["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
             else:
-                entry["data"] = np.asarray(value).ravel() if isinstance(value, np.ndarray) else value
+                entry["data"] = value.ravel() if isinstance(value, np.ndarray) else value
             answers.append(entry)
         doc = {"model_name": self.name, "model_version": self.version, "outputs": answers}
         if "id" in request:
