@@ -30,12 +30,49 @@ def check_version(version: str) -> str | None:
             f"<{high[0]}.{high[1]} (pyproject.toml)")
 
 
-def apply() -> None:
+def apply(routes: tuple[str, ...] = ()) -> None:
     import bentoml
     if problem := check_version(bentoml.__version__):
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     cancel_request_timers()
+    bounded_endpoint_labels(frozenset(routes) | BENTOML_ROUTES)
+
+
+BENTOML_ROUTES = frozenset({"/", "/readyz", "/livez", "/healthz", "/metrics", "/docs.json", "/schema.json"})
+
+
+def endpoint_label(path: str, routes: frozenset) -> str:
+    """The `endpoint` label of a request: its route, a protocol path's template, or "other"."""
+    if path in routes:
+        return path
+    from service.oip import endpoint_template
+    return endpoint_template(path) or "other"
+
+
+def bounded_endpoint_labels(routes: frozenset) -> None:
+    """BentoML labels its request metrics with the raw request path: every distinct path a client
+    sends (/v2/models/<any name>, /anything-123) became a new series, without bound, in every
+    worker's metric files and on /metrics. Label with the route instead: a served path, the Open
+    Inference Protocol's templates ("/v2/models/{model}/infer"), or "other"."""
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware as Metrics
+    original = Metrics._setup
+
+    def _setup(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for name, metric in vars(self).items():
+            if name.startswith("metrics_") and hasattr(metric, "labels"):
+                metric.labels = _bounded(metric.labels, routes)
+
+    Metrics._setup = _setup
+
+
+def _bounded(labels, routes: frozenset):
+    def bounded(*args, **kwargs):
+        if "endpoint" in kwargs:
+            kwargs["endpoint"] = endpoint_label(kwargs["endpoint"], routes)
+        return labels(*args, **kwargs)
+    return bounded
 
 
 def cancel_request_timers() -> None:

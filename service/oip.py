@@ -29,6 +29,16 @@ ROUTE = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?
 HEADER_LENGTH = b"inference-header-content-length"
 
 
+def endpoint_template(path: str) -> str | None:
+    """A protocol path as its route template (the `endpoint` label of request metrics)."""
+    if path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+        return path
+    if (route := ROUTE.fullmatch(path)) is None:
+        return None
+    return ("/v2/models/{model}" + ("/versions/{version}" if route["version"] else "")
+            + (route["action"] or ""))
+
+
 class NotFound(BadRequest):
     def __init__(self, message: str):
         super().__init__(message, status=404)

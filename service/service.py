@@ -44,7 +44,7 @@ MAX_BODY_MB = float(os.environ.get("MAX_BODY_MB", "64"))
 WORKERS = int(os.environ.get("WORKERS", "1"))
 PREDICT_ROUTE, UPLOAD_ROUTE, UPLOAD_FIELD = "/predict", "/predict_image", "image"
 
-bentoml_patches.apply()
+bentoml_patches.apply(routes=(PREDICT_ROUTE, UPLOAD_ROUTE, "/metadata", "/drift"))
 MODEL_TAG = resolve_model_tag()
 # BentoML sets no thread limits: workers each using every core would fight each other. Count the
 # cores this process may run on (taskset, cgroups), not the machine's.

@@ -2,6 +2,7 @@
 `bentoml serve`, called by tritonclient (a client nobody here wrote) and by hand-made bodies:
 answers equal /predict's, bad requests get a 4xx naming the problem."""
 import json
+import re
 import struct
 import urllib.error
 import urllib.request
@@ -217,7 +218,6 @@ def test_schemathesis_over_the_protocol_finds_no_server_error(server, classifier
     as this server serves it (docs/oip-openapi.yaml), here with this model's name and version so
     that the bodies reach inference: no 5xx, only documented codes and bodies."""
     import os
-    import re
     import shutil
     import subprocess
 
@@ -237,3 +237,17 @@ def test_schemathesis_over_the_protocol_finds_no_server_error(server, classifier
     generated = re.search(r"(\d+) generated", proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert generated and int(generated.group(1)) >= 500, proc.stdout[-1000:]
+
+
+def test_request_metrics_are_labelled_by_route_not_by_path(server, classifier):
+    """A client's made-up paths must not become new Prometheus series: BentoML labelled each
+    request with its raw path (unbounded); now with the route, the protocol's template, or other."""
+    name = classifier.tag.split(":")[0]
+    for made_up in ("alpha-1", "beta-2"):
+        assert request(server + f"/v2/models/{made_up}")[0] == 404
+        assert request(server + f"/{made_up}")[0] == 404
+    assert request(server + f"/v2/models/{name}/ready")[0] == 200
+    metrics = request(server + "/metrics")[1]
+    endpoints = set(re.findall(r'bentoml_service_request_total\{endpoint="([^"]*)"', metrics))
+    assert not any("alpha" in e or "beta" in e or name in e for e in endpoints), endpoints
+    assert {"/v2/models/{model}", "/v2/models/{model}/ready", "other"} <= endpoints
