@@ -194,10 +194,8 @@ def plot(results: list[dict], out: Path) -> None:
               title="Power: shifted traffic", ylim=(-3, 103))
     right.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
-    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -127,10 +127,8 @@ def plot(latencies: dict[str, list[np.ndarray]], out: Path) -> None:
         ax.legend(fontsize=8)
     axes[-1].set_xlabel("latency (ms)")
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
-    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import asyncio
 import sys
 
 from service.middleware import reply
+from service.oip import endpoint_template
 
 SUPPORTED = ((1, 4), (1, 5))  # BentoML versions from 1.4 (inclusive) to 1.5 (exclusive)
 
@@ -46,7 +47,6 @@ def endpoint_label(path: str, routes: frozenset) -> str:
     """The `endpoint` label of a request: its route, a protocol path's template, or "other"."""
     if path in routes:
         return path
-    from service.oip import endpoint_template
     return endpoint_template(path) or "other"
 
 

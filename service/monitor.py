@@ -166,7 +166,7 @@ class Monitor:
             texts = texts.items()
         rows = len(numeric) if numeric is not None else len(next(iter(texts))[1])
         self.answered += rows
-        step = 1 if rows <= SAMPLE_ABOVE else sample_step(rows)
+        step = sample_step(rows)
         if numeric is not None:
             self.numbers.append(numeric if step == 1 else numeric[::step].copy())
         for i, values in texts:

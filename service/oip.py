@@ -162,7 +162,7 @@ class Protocol:
         """The checked graph inputs, by the parsers /predict uses."""
         s = self.scorer
         if s.columns:  # records, with NaN (binary FP32) and null as gaps
-            columns = [as_list(*tensors[c["name"]]) for c in s.columns]
+            columns = [as_list(tensors[c["name"]][0]) for c in s.columns]
             return parse_records([list(row) for row in zip(*columns)], s.columns, s.max_rows)
         values, shape = tensors[s.input]
         if isinstance(values, np.ndarray):  # binary: check the array itself
@@ -289,7 +289,7 @@ def to_binary(value) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in (v.encode() for v in value))
 
 
-def as_list(values, shape) -> list:
+def as_list(values) -> list:
     """A [-1, 1] column as a list, NaN (a gap in binary FP32) as null."""
     if isinstance(values, np.ndarray):
         return [None if v != v else v for v in values.tolist()]

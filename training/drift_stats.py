@@ -136,6 +136,7 @@ class FeatureTest:
     shares: np.ndarray      # the training share of each test bin
     labels: list[str]       # a readable name per test bin
     critical: float         # chi2 at which the feature is significant (inf: nothing to test)
+    profile_shares: np.ndarray  # the training share of each profile bin (for drawing)
 
     def bin_counts(self, counts: np.ndarray) -> np.ndarray:
         return np.bincount(self.group, counts[self.slots], minlength=len(self.shares))
@@ -169,7 +170,7 @@ def plan(layout: Layout, settings: Settings) -> list[FeatureTest]:
         df = len(members) - 1
         tests.append(FeatureTest(f["name"], f["kind"], slots, group,
                                  np.bincount(group, shares), labels,
-                                 chi2_isf(alpha, df) if df >= 1 else math.inf))
+                                 chi2_isf(alpha, df) if df >= 1 else math.inf, shares))
     return tests
 
 
@@ -239,11 +240,10 @@ class Comparison:
             verdict = "warn"
         else:
             verdict = "ok"
-        _, shares, _ = profile_bins(f, offset)
-        raw = counts[test.slots]
         return {**entry, "significant": bool(significant), "verdict": verdict,
                 "bins": test.labels, "train_shares": test.shares.tolist(), "live_counts": live.tolist(),
-                "train_freqs": shares.tolist(), "live_freqs": (raw / max(rows, 1)).tolist()}
+                "train_freqs": test.profile_shares.tolist(),
+                "live_freqs": (counts[test.slots] / max(rows, 1)).tolist()}
 
     def compare(self, counts: np.ndarray) -> dict:
         """Each feature's test, effect sizes and verdict; the overall verdict is the worst
