@@ -40,8 +40,8 @@ def csv_path(tmp_path_factory):
 
 
 def quick_config(tmp_path, **overrides):
-    """A short run on tiny data: a few epochs, no progress bar."""
-    values = {"epochs": 8, "patience": 0, "batch_size": 32, "hidden": [16, 8], "progress": False,
+    """A short run of one network on tiny data: a few epochs, no progress bar."""
+    values = {"epochs": 8, "patience": 0, "batch_size": 32, "hidden": [16, 8], "progress": False, "folds": 1,
               "models_dir": str(tmp_path / "models"), **overrides}
     return make_config(values)
 

@@ -146,7 +146,7 @@ def test_killed_run_resumes_to_the_same_end(tmp_path):
     make_frame(n=6000).to_csv(data, index=False)
     args = [sys.executable, "-m", "training.fit", "--data", str(data), "--target", "label",
             "--epochs", "30", "--patience", "0", "--hidden", "64,64", "--batch-size", "16", "--lr", "0.005",
-            "--no-progress", "--no-store", "--name", "resumed"]
+            "--no-progress", "--no-store", "--name", "resumed", "--folds", "1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ckpt = tmp_path / "a" / "resumed" / "checkpoint.pt"
     proc = subprocess.Popen(args + ["--models-dir", str(tmp_path / "a")], cwd=ROOT, env=env,
@@ -330,3 +330,50 @@ def test_linear_skip_adds_a_linear_model_beside_the_network(tmp_path, csv_path):
     session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
     np.testing.assert_allclose(session.run(["probabilities"], {"features": X.numpy()})[0], expected,
                                atol=1e-5)
+
+
+def test_folds_bag_networks_each_stopped_early_on_its_own_fold(tmp_path, csv_path):
+    import numpy as np
+    import onnxruntime as ort
+    from training.dataset import pooled
+    from training.ensemble import fold_data
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", folds=3, epochs=10,
+                              patience=3, normalizer="standard", store=False))
+    split, data = result.data.split, result.data
+    rows = pooled(split)
+    # The normalizer is fitted on the rows the networks train on: training + validation, not test.
+    np.testing.assert_allclose(result.card["normalization"]["mean"], rows.X_train.mean(axis=0), rtol=1e-6)
+    folds = fold_data(data, 3, 0)
+    held = np.concatenate([f.split.X_val for f in folds])
+    assert len(held) == len(rows.X_train) and len(np.unique(held, axis=0)) == len(np.unique(rows.X_train, axis=0))
+    for f in folds:  # a fold's validation rows are not among its training rows; the test split is apart
+        train_rows = {r.tobytes() for r in f.split.X_train}
+        assert not any(r.tobytes() in train_rows for r in f.split.X_val)
+        assert f.split.X_test is split.X_test
+    members, t = result.trained.net.members, result.card["training"]
+    assert [m["fold"] for m in t["members"]] == [1, 2, 3] and len(members) == 3
+    cv = t["cross_validation"]
+    expected = sum(m["validation"]["accuracy"] * m["validation_rows"] for m in t["members"]) / len(held)
+    assert cv["folds"] == 3 and cv["metrics"]["accuracy"] == pytest.approx(expected)
+    X = split.X_test.astype(np.float32)
+    with torch.no_grad():
+        mean_logits = torch.stack([m.eval()(torch.from_numpy(X)) for m in members]).mean(0)
+    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
+    np.testing.assert_allclose(session.run(["probabilities"], {"features": X})[0],
+                               torch.softmax(mean_logits, -1).numpy(), atol=1e-5)
+    assert result.card["metrics"]["test"]["accuracy"] > 0.85
+
+
+def test_folds_default_to_five_for_in_memory_tables_only(tmp_path, csv_path):
+    table = dict(data=str(csv_path), target="label")
+    assert load_config([]).n_folds == 5 and load_config(["--data", "t.csv", "--target", "y"]).n_folds == 5
+    for one in (["--dataset", "digits-images"], ["--images", "x"], ["--ensemble", "3"], ["--refit"],
+                ["--data", "t.csv", "--target", "y", "--stream"], ["--resume"]):
+        assert load_config(one).n_folds == 1, one
+    assert load_config(["--folds", "3"]).n_folds == 3
+    for bad, message in [({"folds": 0}, "at least 1"), ({"folds": 3, "ensemble": 2}, "without --ensemble"),
+                         ({"folds": 3, "refit": True}, "without --ensemble, --refit")]:
+        with pytest.raises(ConfigError, match=message):
+            quick_config(tmp_path, **table, **bad)
+    with pytest.raises(SystemExit):
+        load_config(["--folds", "2.5"])

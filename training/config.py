@@ -80,6 +80,11 @@ class Config:
     ensemble: int = _opt(1, "train this many networks (seeds seed, seed+1, ...) and export their average")
     refit: bool = _opt(False, "after early stopping, train again on training + validation rows for the "
                               "best epoch count")
+    folds: int | str = _opt("auto", "k-fold bagging: the training and validation rows in k folds, k "
+                                    "networks each trained on all folds but one and stopped early on "
+                                    "that one, their average exported; 1 = one network and the "
+                                    "validation split; auto = 5 for in-memory tables without "
+                                    "--ensemble, --refit or --resume, 1 otherwise")
     # run
     device: str = _opt("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     name: str | None = _opt(None, "model name (default: the dataset or file name)")
@@ -97,8 +102,7 @@ class Config:
             raise ConfigError("--image-size must be between 4 and 1024")
         if self.data and not self.target:
             raise ConfigError("--data needs --target: name the column to predict")
-        if (self.images or self.dataset == "digits-images" and not self.data) \
-                and NORMALIZERS[self.normalizer][1] is None:
+        if self.is_images and NORMALIZERS[self.normalizer][1] is None:
             raise ConfigError(f"--normalizer {self.normalizer} is for tables; images take "
                               + ", ".join(m for m, (_, image) in NORMALIZERS.items() if image))
         if self.stream and not self.data:
@@ -116,6 +120,10 @@ class Config:
                             (self.lr == "auto" or self.lr > 0, "--lr must be positive, or auto"),
                             (self.patience >= 0, "--patience must be >= 0"),
                             (self.ensemble >= 1, "--ensemble must be at least 1"),
+                            (self.folds == "auto" or self.folds >= 1, "--folds must be at least 1, or auto"),
+                            (self.folds in ("auto", 1) or not (self.stream or self.ensemble > 1 or self.refit
+                                                               or self.resume),
+                             "--folds trains in-memory runs, without --ensemble, --refit or --resume"),
                             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
                             (not (self.refit and self.stream), "--refit needs an in-memory run "
                                                                "(without --stream)"),
@@ -125,6 +133,18 @@ class Config:
                              "--chunk-rows, --shuffle-rows and --eval-rows must be >= 1")]:
             if not ok:
                 raise ConfigError(message)
+
+    @property
+    def is_images(self) -> bool:
+        return bool(self.images or self.dataset == "digits-images" and not self.data)
+
+    @property
+    def n_folds(self) -> int:
+        """--folds with auto settled: 5 where bagging applies (measured in docs/quality.md)."""
+        if self.folds != "auto":
+            return self.folds
+        plain = not (self.is_images or self.stream or self.ensemble > 1 or self.refit or self.resume)
+        return 5 if plain else 1
 
     @property
     def model_name(self) -> str:
@@ -142,7 +162,7 @@ RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric
                 "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
                 "hidden", "linear_skip", "channels", "augment", "dropout", "optimizer", "lr",
                 "momentum", "weight_decay", "scheduler", "epochs", "batch_size", "stop_on",
-                "label_smoothing", "ensemble", "refit", "stream", "chunk_rows", "shuffle_rows")
+                "label_smoothing", "ensemble", "refit", "folds", "stream", "chunk_rows", "shuffle_rows")
 
 
 def _list_of(kind):
@@ -152,6 +172,15 @@ def _list_of(kind):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
     return parse
+
+
+def folds(value) -> int | str:
+    """A fold count: a whole number, or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError(f"expected a whole number or auto, got {value!r}")
+    return int(float(value))
 
 
 def rate(value) -> float | str:
@@ -177,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
             kw["help"] += f" (default: {f.default})"
         else:
-            kw["type"] = {"int": int, "float": float, "float | str": rate, "int | None": int,
+            kw["type"] = {"int": int, "float": float, "float | str": rate, "int | str": folds, "int | None": int,
                           "list[int]": _list_of(int),
                           "list[str] | None": _list_of(str)}.get(f.type, str)
             if "choices" in f.metadata:
@@ -229,7 +258,7 @@ def make_config(values: dict[str, Any]) -> Config:
             if word not in ("true", "false", "yes", "no", "1", "0"):
                 raise ConfigError(f"option {f.name} must be true or false, got {values[f.name]!r}")
             values[f.name] = word in ("true", "yes", "1")
-        caster = {"int": int, "float": float, "float | str": rate}.get(f.type)
+        caster = {"int": int, "float": float, "float | str": rate, "int | str": folds}.get(f.type)
         if caster and f.name in values:
             try:
                 values[f.name] = caster(values[f.name])

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from training import stream
 from training.data import Split, Table, load_table, split_table
@@ -25,7 +26,7 @@ class Data:
     table: Table            # streamed: the description only, no rows
     split: Split            # raw rows; streamed: a uniform sample of each split (rank 0 only)
     rows: dict[str, int]    # rows in each split (streamed: in the file, not in the samples)
-    normalizer: Normalizer  # fitted on the training split
+    normalizer: Normalizer  # fitted on the training split (with --folds: training + validation)
     y_mean: float = 0.0     # a regression target is learned standardized (training split),
     y_scale: float = 1.0    # and answered in its own units
     scan: stream.Scan | None = None  # streamed: what the first pass found
@@ -51,11 +52,22 @@ def prepare(cfg, world: World, table: Table | None = None) -> Data:
         return _streamed(cfg, world)
     table = table or load_table(cfg)
     split = split_table(table, cfg.val_size, cfg.test_size, cfg.seed)
+    # With --folds the networks train on the validation rows too (all folds but one each).
+    fitted_on = pooled(split) if cfg.n_folds > 1 else split
     normalizer = world.share(lambda: make_normalizer(cfg.normalizer, table.modality, table.columns)
-                             .fit(split.X_train))
+                             .fit(fitted_on.X_train))
     rows = {name: len(getattr(split, f"y_{key}")) for name, key in SPLITS.items()}
-    y_scaling = StandardScaling().fit(split.y_train[:, None]) if table.task == "regression" else None
+    y_scaling = StandardScaling().fit(fitted_on.y_train[:, None]) if table.task == "regression" else None
     return Data(table=table, split=split, rows=rows, normalizer=normalizer, **target_scaling(y_scaling))
+
+
+def pooled(split: Split) -> Split:
+    """The split with the validation rows added to the training rows (--refit, --folds)."""
+    if isinstance(split.X_train, pd.DataFrame):
+        X = pd.concat([split.X_train, split.X_val]).reset_index(drop=True)
+    else:
+        X = np.concatenate([split.X_train, split.X_val])
+    return dataclasses.replace(split, X_train=X, y_train=np.concatenate([split.y_train, split.y_val]))
 
 
 def _streamed(cfg, world: World) -> Data:

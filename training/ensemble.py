@@ -1,10 +1,14 @@
-"""--ensemble k and --refit: the engine's training loop run several times, one exported network.
+"""Several networks, one exported graph: --folds k (k-fold bagging, the default for tables),
+--ensemble k and --refit.
 
-`--ensemble k` trains k networks from seeds seed .. seed + k - 1 (each with early stopping on the
-validation split) and averages their outputs (logits, or standardized predictions) inside one
-module, so the exported graph is one graph. `--refit` then trains each member again from scratch
+`--folds k` pools the training and validation rows and cuts them into k folds (stratified for
+classification); network i trains on every fold but fold i and stops early on fold i, so every
+row trains k - 1 networks and judges one, and each network's best validation metric is held out.
+`--ensemble k` trains k networks from seeds seed .. seed + k - 1 on the one training split (each
+with early stopping on the validation split). `--refit` then trains each member again from scratch
 on the training and validation rows together, for as many epochs as its best one, on the same
-schedule; its validation metrics are then no longer held out (the card says so).
+schedule. Either way the members' outputs (logits, or standardized predictions) are averaged inside
+one module, so the exported graph is one graph; the test split is held out from all of them.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import torch
 from torch import nn
 
 from training import engine
-from training.dataset import Data
+from training.data import Split
+from training.dataset import Data, pooled
 from training.distributed import World
 
 
@@ -33,16 +38,30 @@ class Ensemble(nn.Module):
 
 def merged(data: Data) -> Data:
     """The data with the validation rows added to the training rows (for a refit)."""
-    s = data.split
-    if isinstance(s.X_train, pd.DataFrame):
-        X = pd.concat([s.X_train, s.X_val]).reset_index(drop=True)
-    else:
-        X = np.concatenate([s.X_train, s.X_val])
-    split = dataclasses.replace(s, X_train=X, y_train=np.concatenate([s.y_train, s.y_val]))
-    return dataclasses.replace(data, split=split)
+    return dataclasses.replace(data, split=pooled(data.split))
+
+
+def fold_data(data: Data, k: int, seed: int) -> list[Data]:
+    """k copies of the data: in copy i the validation rows are fold i of the pooled training and
+    validation rows, the training rows the other folds; the test rows stay as they are."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+    rows = pooled(data.split)
+    X, y = rows.X_train, rows.y_train
+    stratify = rows.stratified and np.bincount(y).min() >= k
+    folds = (StratifiedKFold if stratify else KFold)(k, shuffle=True, random_state=seed)
+    take = (lambda idx: X.iloc[idx].reset_index(drop=True)) if isinstance(X, pd.DataFrame) \
+        else (lambda idx: X[idx])
+    copies = []
+    for train, val in folds.split(np.zeros(len(y)), y if stratify else None):
+        split = Split(X_train=take(train), y_train=y[train], X_val=take(val), y_val=y[val],
+                      X_test=data.split.X_test, y_test=data.split.y_test, stratified=bool(stratify))
+        copies.append(dataclasses.replace(data, split=split))
+    return copies
 
 
 def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Trained | None:
+    if cfg.n_folds > 1:
+        return _folds(cfg, data, world)
     if cfg.ensemble == 1 and not cfg.refit:
         return engine.train(cfg, data, world, checkpoints)
     members, lr, seconds = [], cfg.lr, 0.0
@@ -62,9 +81,33 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Tra
         members.append(trained)
     if not world.main:
         return None
+    return _combined(members, seconds, [{"seed": cfg.seed + k} for k in range(cfg.ensemble)],
+                     refit=cfg.refit)
+
+
+def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
+    members, lr, seconds = [], cfg.lr, 0.0
+    folds = fold_data(data, cfg.n_folds, cfg.seed)
+    for i, fold in enumerate(folds):
+        trained = engine.train(dataclasses.replace(cfg, seed=cfg.seed + i, lr=lr), fold, world,
+                               checkpoints=False)
+        lr = world.share(lambda: trained.progress.lr)  # --lr auto: the first fold's range test
+        if trained is not None:
+            seconds += trained.progress.elapsed
+        members.append(trained)
+    if not world.main:
+        return None
+    described = [{"fold": i + 1, "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
+                  "validation": m.progress.best} for i, (m, fold) in enumerate(zip(members, folds))]
+    return _combined(members, seconds, described, refit=False)
+
+
+def _combined(members: list[engine.Trained], seconds: float, described: list[dict],
+              refit: bool) -> engine.Trained:
+    """One Trained: the first member's record, the members' average as the network."""
     first = members[0]
-    first.progress.elapsed = seconds  # the card's training seconds: every member and refit
+    first.progress.elapsed = seconds  # the card's training seconds: every member (and refit)
     net = first.net if len(members) == 1 else Ensemble([m.net for m in members]).eval()
-    return dataclasses.replace(first, net=net, members=[
-        {"seed": cfg.seed + k, "best_epoch": m.progress.best_epoch, "epochs_run": len(m.progress.history)}
-        for k, m in enumerate(members)], refit=cfg.refit)
+    return dataclasses.replace(first, net=net, refit=refit, members=[
+        {**d, "best_epoch": m.progress.best_epoch, "epochs_run": len(m.progress.history)}
+        for d, m in zip(described, members)])

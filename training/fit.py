@@ -88,6 +88,7 @@ def seconds_since_start() -> float:
 def main(argv: list[str] | None = None) -> int:
     start_up = seconds_since_start()
     main_rank = World.launched().main  # under torchrun every rank has the same errors and notes
+    cfg = None
     try:
         cfg = load_config(argv)
         with warnings.catch_warnings(record=True) as caught:
@@ -101,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+        resumable = cfg is not None and checkpoint_path(cfg).exists()
+        print("interrupted; " + ("continue with --resume" if resumable else "nothing to resume (only "
+              "one network, --folds 1, keeps a checkpoint)"), file=sys.stderr)
         return 130
     if result is not None:
         result.card["timings"] = {"start-up and imports": round(start_up, 2), **result.card["timings"]}

@@ -60,8 +60,21 @@ def card(cfg, data, trained, metadata: dict, parity: dict) -> dict:
                                     "validation metrics are not held out", "rows":
                                     data.rows["train"] + data.rows["validation"]}
                                    if trained.refit else None),
+                         "cross_validation": cross_validation(trained.members),
                          "distributed": trained.distributed, "streamed": streamed},
             "parity": parity, "config": cfg.to_dict(), "history": progress.history}
+
+
+def cross_validation(members: list[dict] | None) -> dict | None:
+    """--folds: each network's best validation metrics on its own fold (rows it never trained
+    on), averaged weighted by fold size; the whole model's validation metrics are not held out."""
+    if not members or "fold" not in members[0]:
+        return None
+    rows = sum(m["validation_rows"] for m in members)
+    return {"folds": len(members), "note": "each network is stopped early on its own fold; the "
+            "validation split's metrics are not held out (every row trained all but one network)",
+            "metrics": {k: sum(m["validation"][k] * m["validation_rows"] for m in members) / rows
+                        for k in members[0]["validation"]}}
 
 
 def plots(data, trained) -> dict:
@@ -98,7 +111,13 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
     if members := t.get("members"):
         rows.append(("networks", f"{len(members)} averaged (best epochs "
                      + ", ".join(str(m["best_epoch"]) for m in members) + ")"
-                     + (", refitted on training + validation rows" if t.get("refit") else "")))
+                     + (", refitted on training + validation rows" if t.get("refit") else "")
+                     + (f", one per fold of the {c['rows']['train'] + c['rows']['validation']} training "
+                        "and validation rows" if t.get("cross_validation") else "")))
+    if cv := t.get("cross_validation"):
+        m = cv["metrics"]
+        rows.append((f"cross-val. {metric}", f"{m[metric]:.4f}   loss {m['loss']:.4f}   (each network "
+                     "on its own fold)"))
     if d := t.get("distributed"):
         rows.append(("processes", f"{d['world_size']} ranks ({d['backend']}), {d['batch_per_rank']} "
                                   "rows per rank per step"))
@@ -108,8 +127,10 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
     extra = ["mae", "r2"] if metric == "rmse" else []
     for split_name in ("validation", "test"):
         m = c["metrics"][split_name]
+        seen = split_name == "validation" and (t.get("refit") or t.get("cross_validation"))
         rows.append((f"{split_name} {metric}", f"{m[metric]:.4f}"
-                     + "".join(f"   {k} {m[k]:.4f}" for k in extra) + f"   loss {m['loss']:.4f}"))
+                     + "".join(f"   {k} {m[k]:.4f}" for k in extra) + f"   loss {m['loss']:.4f}"
+                     + ("   (trained on)" if seen else "")))
     rows += [("onnx parity", f"max |onnx - torch| = {c['parity']['max_abs_diff']:.2e} "
                              f"over {c['parity']['rows']} test inputs"),
              ("model", str(model_dir)),
