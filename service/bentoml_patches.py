@@ -31,13 +31,15 @@ def check_version(version: str) -> str | None:
             f"<{high[0]}.{high[1]} (pyproject.toml)")
 
 
-def apply(routes: tuple[str, ...] = ()) -> None:
+def apply(routes: tuple[str, ...] = (), tracing: bool = False) -> None:
     import bentoml
     if problem := check_version(bentoml.__version__):
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     cancel_request_timers()
     bounded_endpoint_labels(frozenset(routes) | BENTOML_ROUTES)
+    if not tracing:
+        untraced()
 
 
 BENTOML_ROUTES = frozenset({"/", "/readyz", "/livez", "/healthz", "/metrics", "/docs.json", "/schema.json"})
@@ -68,48 +70,60 @@ def bounded_endpoint_labels(routes: frozenset) -> None:
 
 
 def _bounded(labels, routes: frozenset):
+    """Also remembers each labelled child: BentoML asks for three per request, and
+    prometheus_client checks the names and takes a lock each time. The labels are bounded (routes,
+    status codes), so the memo is too."""
+    children = {}
+
     def bounded(*args, **kwargs):
         if "endpoint" in kwargs:
             kwargs["endpoint"] = endpoint_label(kwargs["endpoint"], routes)
-        return labels(*args, **kwargs)
+        key = (args, tuple(kwargs.items()))
+        if (child := children.get(key)) is None:
+            child = children[key] = labels(*args, **kwargs)
+        return child
     return bounded
+
+
+def untraced() -> None:
+    """Leave out BentoML's OpenTelemetry middleware when tracing is off (TRACING unset): with every
+    URL excluded it records nothing, but it still builds each request's URL and matches it."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    listed = ServiceAppFactory.middlewares.fget
+    ServiceAppFactory.middlewares = property(
+        lambda self: [m for m in listed(self) if m.cls is not OpenTelemetryMiddleware])
 
 
 def cancel_request_timers() -> None:
     """Replace BentoML 1.4's TimeoutMiddleware, which arms a timer per request and never cancels
     it: the timer holds the request's context (tracing span included) until it fires, so memory
     grows with request rate x timeout. It also waits out the whole timeout when the app fails
-    before responding. This one waits for whichever comes first (the response starting, the app
-    finishing, the timeout) and keeps nothing afterwards. BentoML looks the class up when it
-    builds the app, after the service module is imported."""
+    before responding, and runs every request in a task of its own. This one runs the app in the
+    request's own task under an asyncio deadline, lifted when the response starts (as BentoML's
+    does), and keeps nothing afterwards. BentoML looks the class up when it builds the app, after
+    the service module is imported."""
     from bentoml._internal.server.http import traffic
 
-    class PromptTimeoutMiddleware(traffic.TimeoutMiddleware):
+    class Deadline(traffic.TimeoutMiddleware):
         async def __call__(self, scope, receive, send):
             if scope["type"] not in ("http", "websocket"):
                 return await self.app(scope, receive, send)
-            loop = asyncio.get_running_loop()
-            waiter = loop.create_future()
-
-            def wake(_=None):
-                if not waiter.done():
-                    waiter.set_result(None)
+            started = False
 
             async def _send(message):
-                wake()
+                nonlocal started
+                if not started:
+                    started = True
+                    deadline.reschedule(None)  # a response under way is not cut off
                 await send(message)
 
-            timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
-            task = asyncio.ensure_future(self.app(scope, receive, _send))
-            task.add_done_callback(wake)  # an app that fails before responding wakes us at once
             try:
-                await waiter
-            except asyncio.TimeoutError:
-                if task.cancel():
-                    await reply(send, 504, f"not able to process the request in {self.timeout} s")
-                return
-            finally:
-                timer.cancel()
-            await task  # finishes the response, or re-raises the app's error
+                async with asyncio.timeout(self.timeout) as deadline:
+                    await self.app(scope, receive, _send)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # the app's own error
+                await reply(send, 504, f"not able to process the request in {self.timeout} s")
 
-    traffic.TimeoutMiddleware = PromptTimeoutMiddleware
+    traffic.TimeoutMiddleware = Deadline

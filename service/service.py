@@ -42,9 +42,10 @@ from training.images import ImageError, read_image
 MAX_ROWS = int(os.environ.get("MAX_ROWS", "10000"))
 MAX_BODY_MB = float(os.environ.get("MAX_BODY_MB", "64"))
 WORKERS = int(os.environ.get("WORKERS", "1"))
+TRACING = os.environ.get("TRACING") == "1"  # OpenTelemetry spans (off: BentoML records them unexported)
 PREDICT_ROUTE, UPLOAD_ROUTE, UPLOAD_FIELD = "/predict", "/predict_image", "image"
 
-bentoml_patches.apply(routes=(PREDICT_ROUTE, UPLOAD_ROUTE, "/metadata", "/drift"))
+bentoml_patches.apply(routes=(PREDICT_ROUTE, UPLOAD_ROUTE, "/metadata", "/drift"), tracing=TRACING)
 MODEL_TAG = resolve_model_tag()
 # BentoML sets no thread limits: workers each using every core would fight each other. Count the
 # cores this process may run on (taskset, cgroups), not the machine's.
@@ -78,7 +79,7 @@ async def drift_route(request: Request) -> Response:
     # One log line per request costs more than scoring a row; errors are still logged.
     logging={"access": {"enabled": os.environ.get("ACCESS_LOG") == "1"}},
     # Spans are recorded even with no exporter configured; TRACING=1 keeps them.
-    tracing={"excluded_urls": None if os.environ.get("TRACING") == "1" else ".*"},
+    tracing={"excluded_urls": None if TRACING else ".*"},
 )
 class Predictor:
     model = bentoml.models.BentoModel(MODEL_TAG)  # a class attribute, so `bentoml build` packages it

@@ -1,6 +1,7 @@
 """The ASGI middleware on its own, fed exact message sequences that HTTP timing only sometimes makes."""
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -54,3 +55,38 @@ def test_declared_length_over_the_limit_is_refused_before_reading():
 def test_body_within_the_limit_passes():
     messages = [{"type": "http.request", "body": b"x" * 90, "more_body": False}]
     assert asyncio.run(call(BodyLimit(inner_app, max_bytes=100), messages)) == (200, b"ok")
+
+
+# ---- BentoML's timeout middleware, as service/bentoml_patches.py replaces it ----------------
+
+def deadline_middleware(app, timeout: float):
+    from bentoml._internal.server.http import traffic
+    from service import bentoml_patches
+    bentoml_patches.cancel_request_timers()
+    return traffic.TimeoutMiddleware(app, timeout=timeout)
+
+
+def slow_app(before: float, after: float = 0.0, error: Exception | None = None):
+    async def app(scope, receive, send):
+        await asyncio.sleep(before)
+        if error:
+            raise error
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(after)
+        await send({"type": "http.response.body", "body": b"ok"})
+    return app
+
+
+def test_a_request_past_its_deadline_gets_504_at_the_deadline():
+    started = time.perf_counter()
+    status, body = asyncio.run(call(deadline_middleware(slow_app(5), timeout=0.2), []))
+    assert status == 504 and "0.2 s" in json.loads(body)["error"]
+    assert time.perf_counter() - started < 1.5
+
+
+def test_a_response_under_way_is_not_cut_off_and_errors_are_not_waited_for():
+    assert asyncio.run(call(deadline_middleware(slow_app(0, after=0.4), timeout=0.2), [])) == (200, b"ok")
+    assert asyncio.run(call(deadline_middleware(slow_app(0.01), timeout=0.2), [])) == (200, b"ok")
+    for error in (ValueError("boom"), TimeoutError("the app's own")):
+        with pytest.raises(type(error), match=str(error)):
+            asyncio.run(call(deadline_middleware(slow_app(0, error=error), timeout=30), []))
