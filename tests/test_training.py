@@ -365,12 +365,14 @@ def test_folds_bag_networks_each_stopped_early_on_its_own_fold(tmp_path, csv_pat
 
 
 def test_folds_default_to_five_for_in_memory_tables_only(tmp_path, csv_path):
+    from training.config import AUTO_FOLDS_MAX_ROWS as most
     table = dict(data=str(csv_path), target="label")
-    assert load_config([]).n_folds == 5 and load_config(["--data", "t.csv", "--target", "y"]).n_folds == 5
+    assert load_config([]).folds_for(most) == 5 and load_config([]).folds_for(most + 1) == 1
+    assert load_config(["--data", "t.csv", "--target", "y"]).folds_for(100) == 5
     for one in (["--dataset", "digits-images"], ["--images", "x"], ["--ensemble", "3"], ["--refit"],
                 ["--data", "t.csv", "--target", "y", "--stream"], ["--resume"]):
-        assert load_config(one).n_folds == 1, one
-    assert load_config(["--folds", "3"]).n_folds == 3
+        assert load_config(one).folds_for(100) == 1, one
+    assert load_config(["--folds", "3"]).folds_for(most + 1) == 3
     for bad, message in [({"folds": 0}, "at least 1"), ({"folds": 3, "ensemble": 2}, "without --ensemble"),
                          ({"folds": 3, "refit": True}, "without --ensemble, --refit")]:
         with pytest.raises(ConfigError, match=message):

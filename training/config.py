@@ -15,6 +15,7 @@ import yaml
 from training.normalize import NORMALIZERS
 from training.schedules import SCHEDULERS
 
+AUTO_FOLDS_MAX_ROWS = 20_000  # --folds auto bags up to this many training + validation rows
 BUILTIN_DATASETS = ("breast_cancer", "digits", "wine", "iris", "diabetes", "digits-images")
 
 
@@ -83,7 +84,8 @@ class Config:
     folds: int | str = _opt("auto", "k-fold bagging: the training and validation rows in k folds, k "
                                     "networks each trained on all folds but one and stopped early on "
                                     "that one, their average exported; 1 = one network and the "
-                                    "validation split; auto = 5 for in-memory tables without "
+                                    "validation split; auto = 5 for in-memory tables of up to "
+                                    f"{AUTO_FOLDS_MAX_ROWS:,} training + validation rows without "
                                     "--ensemble, --refit or --resume, 1 otherwise")
     # run
     device: str = _opt("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
@@ -138,13 +140,13 @@ class Config:
     def is_images(self) -> bool:
         return bool(self.images or self.dataset == "digits-images" and not self.data)
 
-    @property
-    def n_folds(self) -> int:
-        """--folds with auto settled: 5 where bagging applies (measured in docs/quality.md)."""
+    def folds_for(self, rows: int) -> int:
+        """--folds with auto settled for `rows` training + validation rows: 5 where bagging applies
+        and costs little (five networks' training time; measured in docs/quality.md), else 1."""
         if self.folds != "auto":
             return self.folds
         plain = not (self.is_images or self.stream or self.ensemble > 1 or self.refit or self.resume)
-        return 5 if plain else 1
+        return 5 if plain and rows <= AUTO_FOLDS_MAX_ROWS else 1
 
     @property
     def model_name(self) -> str:

@@ -30,6 +30,7 @@ class Data:
     y_mean: float = 0.0     # a regression target is learned standardized (training split),
     y_scale: float = 1.0    # and answered in its own units
     scan: stream.Scan | None = None  # streamed: what the first pass found
+    folds: int = 1          # --folds settled for this data (training/ensemble.py)
 
     def inputs(self, split: str) -> np.ndarray:
         """A split's rows as the network takes them."""
@@ -53,12 +54,14 @@ def prepare(cfg, world: World, table: Table | None = None) -> Data:
     table = table or load_table(cfg)
     split = split_table(table, cfg.val_size, cfg.test_size, cfg.seed)
     # With --folds the networks train on the validation rows too (all folds but one each).
-    fitted_on = pooled(split) if cfg.n_folds > 1 else split
+    folds = cfg.folds_for(len(split.y_train) + len(split.y_val))
+    fitted_on = pooled(split) if folds > 1 else split
     normalizer = world.share(lambda: make_normalizer(cfg.normalizer, table.modality, table.columns)
                              .fit(fitted_on.X_train))
     rows = {name: len(getattr(split, f"y_{key}")) for name, key in SPLITS.items()}
     y_scaling = StandardScaling().fit(fitted_on.y_train[:, None]) if table.task == "regression" else None
-    return Data(table=table, split=split, rows=rows, normalizer=normalizer, **target_scaling(y_scaling))
+    return Data(table=table, split=split, rows=rows, normalizer=normalizer, folds=folds,
+                **target_scaling(y_scaling))
 
 
 def pooled(split: Split) -> Split:

@@ -1,5 +1,5 @@
-"""Several networks, one exported graph: --folds k (k-fold bagging, the default for tables),
---ensemble k and --refit.
+"""Several networks, one exported graph: --folds k (k-fold bagging, the default for tables of up
+to 20,000 training + validation rows), --ensemble k and --refit.
 
 `--folds k` pools the training and validation rows and cuts them into k folds (stratified for
 classification); network i trains on every fold but fold i and stops early on fold i, so every
@@ -60,7 +60,7 @@ def fold_data(data: Data, k: int, seed: int) -> list[Data]:
 
 
 def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Trained | None:
-    if cfg.n_folds > 1:
+    if data.folds > 1:
         return _folds(cfg, data, world)
     if cfg.ensemble == 1 and not cfg.refit:
         return engine.train(cfg, data, world, checkpoints)
@@ -87,7 +87,7 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Tra
 
 def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     members, lr, seconds = [], cfg.lr, 0.0
-    folds = fold_data(data, cfg.n_folds, cfg.seed)
+    folds = fold_data(data, data.folds, cfg.seed)
     for i, fold in enumerate(folds):
         trained = engine.train(dataclasses.replace(cfg, seed=cfg.seed + i, lr=lr), fold, world,
                                checkpoints=False)
