@@ -1,8 +1,8 @@
 """Every change this project makes to BentoML's internals, in one place, for the versions it was
 written against.
 
-`apply()` runs when the service module is imported (in `bentoml serve`'s main process and in each
-worker, before BentoML builds the app). It checks the installed BentoML first: a version outside
+`apply()` runs when the service module is imported: it patches in each HTTP worker, before BentoML
+builds the app (the other processes that import the module serve no request). It checks the installed BentoML first: a version outside
 SUPPORTED stops start-up with one line instead of patching code that may have changed.
 """
 from __future__ import annotations
@@ -36,10 +36,20 @@ def apply(routes: tuple[str, ...] = (), tracing: bool = False) -> None:
     if problem := check_version(bentoml.__version__):
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)
+    if not serving_worker():
+        return  # `bentoml serve`'s own process, `bentoml build`: they answer no request
     cancel_request_timers()
     bounded_endpoint_labels(frozenset(routes) | BENTOML_ROUTES)
     if not tracing:
         untraced()
+
+
+def serving_worker() -> bool:
+    """Whether this process is one of `bentoml serve`'s HTTP workers (`python -m
+    _bentoml_impl.worker.service`). The patches import BentoML's server modules (half a second),
+    which the process that starts the workers does not need."""
+    main = sys.modules.get("__main__")
+    return getattr(getattr(main, "__spec__", None), "name", None) == "_bentoml_impl.worker.service"
 
 
 BENTOML_ROUTES = frozenset({"/", "/readyz", "/livez", "/healthz", "/metrics", "/docs.json", "/schema.json"})
