@@ -109,31 +109,40 @@ def cancel_request_timers() -> None:
     """Replace BentoML 1.4's TimeoutMiddleware, which arms a timer per request and never cancels
     it: the timer holds the request's context (tracing span included) until it fires, so memory
     grows with request rate x timeout. It also waits out the whole timeout when the app fails
-    before responding, and runs every request in a task of its own. This one runs the app in the
-    request's own task under an asyncio deadline, lifted when the response starts (as BentoML's
-    does), and keeps nothing afterwards. BentoML looks the class up when it builds the app, after
-    the service module is imported."""
+    before responding. This one waits for whichever comes first (the response starting, the app
+    finishing, the timeout) and keeps nothing afterwards. BentoML looks the class up when it
+    builds the app, after the service module is imported. The app runs in a task of its own:
+    tried in the request's own task under asyncio.timeout instead, throughput was the same and
+    p99 at 32 clients 15.6 ms instead of 11.6 (benchmarks/serve_tail.py).
+    """
     from bentoml._internal.server.http import traffic
 
-    class Deadline(traffic.TimeoutMiddleware):
+    class PromptTimeoutMiddleware(traffic.TimeoutMiddleware):
         async def __call__(self, scope, receive, send):
             if scope["type"] not in ("http", "websocket"):
                 return await self.app(scope, receive, send)
-            started = False
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def wake(_=None):
+                if not waiter.done():
+                    waiter.set_result(None)
 
             async def _send(message):
-                nonlocal started
-                if not started:
-                    started = True
-                    deadline.reschedule(None)  # a response under way is not cut off
+                wake()
                 await send(message)
 
+            timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+            task = asyncio.ensure_future(self.app(scope, receive, _send))
+            task.add_done_callback(wake)  # an app that fails before responding wakes us at once
             try:
-                async with asyncio.timeout(self.timeout) as deadline:
-                    await self.app(scope, receive, _send)
-            except TimeoutError:
-                if not deadline.expired():
-                    raise  # the app's own error
-                await reply(send, 504, f"not able to process the request in {self.timeout} s")
+                await waiter
+            except asyncio.TimeoutError:
+                if task.cancel():
+                    await reply(send, 504, f"not able to process the request in {self.timeout} s")
+                return
+            finally:
+                timer.cancel()
+            await task  # finishes the response, or re-raises the app's error
 
-    traffic.TimeoutMiddleware = Deadline
+    traffic.TimeoutMiddleware = PromptTimeoutMiddleware
