@@ -334,6 +334,7 @@ def test_linear_skip_adds_a_linear_model_beside_the_network(tmp_path, csv_path):
 
 def test_folds_bag_networks_each_stopped_early_on_its_own_fold(tmp_path, csv_path):
     import numpy as np
+    import onnx
     import onnxruntime as ort
     from training.dataset import pooled
     from training.ensemble import fold_data
@@ -362,6 +363,8 @@ def test_folds_bag_networks_each_stopped_early_on_its_own_fold(tmp_path, csv_pat
     np.testing.assert_allclose(session.run(["probabilities"], {"features": X})[0],
                                torch.softmax(mean_logits, -1).numpy(), atol=1e-5)
     assert result.card["metrics"]["test"]["accuracy"] > 0.85
+    ops = [n.op_type for n in onnx.load(str(result.model_dir / "model.onnx")).graph.node]
+    assert ops.count("Sub") == ops.count("Div") == 1  # the inputs normalized once, not per network
 
 
 def test_folds_default_to_five_for_in_memory_tables_only(tmp_path, csv_path):

@@ -26,14 +26,18 @@ from training.distributed import World
 
 
 class Ensemble(nn.Module):
-    """The mean of its members' outputs."""
+    """The mean of its members' outputs. The members share the run's fitted normalizer, so the
+    inputs are normalized once (in the graph too: the quantile map is most of a small network's
+    serving time)."""
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.normalize = members[0].normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+        x = self.normalize(x)
+        return torch.stack([m.from_normalized(x) for m in self.members]).mean(dim=0)
 
 
 def merged(data: Data) -> Data:

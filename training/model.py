@@ -42,7 +42,9 @@ class TabularNet(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(x)
+        return self.from_normalized(self.normalize(x))
+
+    def from_normalized(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x) if self.skip is None else self.body(x) + self.skip(x)
 
 
@@ -72,7 +74,10 @@ class ConvNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.training and self.augment is not None:
             images = self.augment(images)
-        return self.body(self.normalize(images))
+        return self.from_normalized(self.normalize(images))
+
+    def from_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
 
 
 class Classifier(nn.Module):
