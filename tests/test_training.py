@@ -382,3 +382,32 @@ def test_folds_default_to_five_for_in_memory_tables_only(tmp_path, csv_path):
             quick_config(tmp_path, **table, **bad)
     with pytest.raises(SystemExit):
         load_config(["--folds", "2.5"])
+
+
+def test_a_linear_candidate_is_kept_when_it_cross_validates_better(tmp_path):
+    import numpy as np
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 4))
+    frame = pd.DataFrame(X, columns=list("abcd")).assign(y=X @ [3.0, -2.0, 1.0, 0.5] + rng.normal(0, 0.1, 300))
+    path = tmp_path / "linear.csv"
+    frame.to_csv(path, index=False)
+    table = dict(data=str(path), target="y", task="regression", folds=3, epochs=60, patience=10,
+                 normalizer="standard", store=False)
+    result = run(quick_config(tmp_path, **table))
+    cv = result.card["training"]["cross_validation"]
+    assert cv["chosen"] == "linear" and cv["hidden"] == []
+    assert cv["candidates"]["linear"]["rmse"] < cv["candidates"]["network"]["rmse"]
+    members = result.trained.net.members
+    assert all([type(m) for m in member.body] == [nn.Linear] for member in members)  # no hidden layer
+    assert result.card["metrics"]["test"]["r2"] > 0.99
+    alone = run(quick_config(tmp_path, **table, linear_candidate=False))
+    assert "candidates" not in alone.card["training"]["cross_validation"]
+    assert alone.card["training"]["cross_validation"]["hidden"] == [16, 8]
+
+
+def test_an_empty_hidden_list_trains_a_linear_model(tmp_path, csv_path):
+    assert load_config(["--hidden", ""]).hidden == []
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", hidden=[], store=False))
+    assert [type(m) for m in result.trained.net.body] == [nn.Linear]
+    assert result.card["metrics"]["test"]["accuracy"] > 0.8

@@ -16,6 +16,7 @@ from training.normalize import NORMALIZERS
 from training.schedules import SCHEDULERS
 
 AUTO_FOLDS_MAX_ROWS = 20_000  # --folds auto bags up to this many training + validation rows
+LINEAR_CANDIDATE_MAX_ROWS = 5_000  # --linear-candidate: where a linear model may win, and costs little
 BUILTIN_DATASETS = ("breast_cancer", "digits", "wine", "iris", "diabetes", "digits-images")
 
 
@@ -60,7 +61,8 @@ class Config:
                                    "quantile for tables and standard (per channel) for images",
                            choices=tuple(NORMALIZERS))
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
-    hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables)")
+    hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables); empty: a linear "
+                                        "model on the normalized inputs")
     linear_skip: bool = _opt(False, "tables: a linear layer from the normalized inputs straight to the "
                                     "outputs, beside the network")
     channels: list[int] = _opt((32, 64), "comma-separated conv block widths (images)")
@@ -87,6 +89,10 @@ class Config:
                                     "validation split; auto = 5 for in-memory tables of up to "
                                     f"{AUTO_FOLDS_MAX_ROWS:,} training + validation rows without "
                                     "--ensemble, --refit or --resume, 1 otherwise")
+    linear_candidate: bool = _opt(True, "with --folds, on up to "
+                                        f"{LINEAR_CANDIDATE_MAX_ROWS:,} training + validation rows: "
+                                        "also bag a linear model (--hidden '') over the same folds "
+                                        "and keep it if its cross-validated metric is better")
     # run
     device: str = _opt("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     name: str | None = _opt(None, "model name (default: the dataset or file name)")
@@ -116,7 +122,7 @@ class Config:
             raise ConfigError("--val-size and --test-size must be in (0, 1) and add up to less than 1")
         for ok, message in [(self.epochs >= 1, "--epochs must be at least 1"),
                             (self.batch_size >= 2, "--batch-size must be at least 2 (BatchNorm)"),
-                            (self.hidden and min(self.hidden) >= 1, "--hidden widths must be >= 1"),
+                            (all(w >= 1 for w in self.hidden), "--hidden widths must be >= 1"),
                             (self.channels and min(self.channels) >= 1, "--channels must be >= 1"),
                             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
                             (self.lr == "auto" or self.lr > 0, "--lr must be positive, or auto"),
@@ -164,7 +170,7 @@ RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric
                 "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
                 "hidden", "linear_skip", "channels", "augment", "dropout", "optimizer", "lr",
                 "momentum", "weight_decay", "scheduler", "epochs", "batch_size", "stop_on",
-                "label_smoothing", "ensemble", "refit", "folds", "stream", "chunk_rows", "shuffle_rows")
+                "label_smoothing", "ensemble", "refit", "folds", "linear_candidate", "stream", "chunk_rows", "shuffle_rows")
 
 
 def _list_of(kind):

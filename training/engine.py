@@ -144,6 +144,7 @@ class Trained:
     distributed: dict | None  # under torchrun: world size, backend, batch per rank
     members: list[dict] | None = None  # --ensemble / --refit: each member's seed and epochs
     refit: bool = False       # trained again on train + validation (training/ensemble.py)
+    cross_validation: dict | None = None  # --folds: the bag's held-out metrics (training/ensemble.py)
 
 
 def train(cfg, data: Data, world: World, checkpoints: bool = True,

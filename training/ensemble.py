@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from training import engine
+from training.config import LINEAR_CANDIDATE_MAX_ROWS
 from training.data import Split
 from training.dataset import Data, pooled
 from training.distributed import World
@@ -90,8 +91,30 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Tra
 
 
 def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
-    members, lr, seconds = [], cfg.lr, 0.0
+    """k networks bagged over the folds; with --linear-candidate on a small enough table, also k
+    linear models over the same folds, and whichever cross-validates better."""
     folds = fold_data(data, data.folds, cfg.seed)
+    chosen = _bag(cfg, folds, world)
+    pooled_rows = sum(len(f.split.y_val) for f in folds)
+    if cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS \
+            and data.table.modality == "table":
+        linear = _bag(dataclasses.replace(cfg, hidden=[]), folds, world)
+        if world.main:
+            task = data.table.task
+            better = engine.is_better(linear.cross_validation["metrics"],
+                                      chosen.cross_validation["metrics"], task)
+            candidates = {"network": chosen.cross_validation["metrics"],
+                          "linear": linear.cross_validation["metrics"]}
+            linear.progress.elapsed = chosen.progress.elapsed = (chosen.progress.elapsed
+                                                                 + linear.progress.elapsed)
+            chosen = linear if better else chosen
+            chosen.cross_validation = {**chosen.cross_validation, "candidates": candidates,
+                                       "chosen": "linear" if better else "network"}
+    return chosen
+
+
+def _bag(cfg, folds: list[Data], world: World) -> engine.Trained | None:
+    members, lr, seconds = [], cfg.lr, 0.0
     for i, fold in enumerate(folds):
         trained = engine.train(dataclasses.replace(cfg, seed=cfg.seed + i, lr=lr), fold, world,
                                checkpoints=False)
@@ -103,7 +126,20 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
         return None
     described = [{"fold": i + 1, "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
                   "validation": m.progress.best} for i, (m, fold) in enumerate(zip(members, folds))]
-    return _combined(members, seconds, described, refit=False)
+    combined = _combined(members, seconds, described, refit=False)
+    combined.cross_validation = cross_validation(described, cfg.hidden)
+    return combined
+
+
+def cross_validation(members: list[dict], hidden: list[int]) -> dict:
+    """Each network's best validation metrics on its own fold (rows it never trained on),
+    averaged weighted by fold size: the bag's held-out estimate."""
+    rows = sum(m["validation_rows"] for m in members)
+    return {"folds": len(members), "hidden": list(hidden),
+            "note": "each network is stopped early on its own fold; the validation split's metrics "
+                    "are not held out (every row trained all but one network)",
+            "metrics": {k: sum(m["validation"][k] * m["validation_rows"] for m in members) / rows
+                        for k in members[0]["validation"]}}
 
 
 def _combined(members: list[engine.Trained], seconds: float, described: list[dict],

@@ -60,21 +60,9 @@ def card(cfg, data, trained, metadata: dict, parity: dict) -> dict:
                                     "validation metrics are not held out", "rows":
                                     data.rows["train"] + data.rows["validation"]}
                                    if trained.refit else None),
-                         "cross_validation": cross_validation(trained.members),
+                         "cross_validation": trained.cross_validation,
                          "distributed": trained.distributed, "streamed": streamed},
             "parity": parity, "config": cfg.to_dict(), "history": progress.history}
-
-
-def cross_validation(members: list[dict] | None) -> dict | None:
-    """--folds: each network's best validation metrics on its own fold (rows it never trained
-    on), averaged weighted by fold size; the whole model's validation metrics are not held out."""
-    if not members or "fold" not in members[0]:
-        return None
-    rows = sum(m["validation_rows"] for m in members)
-    return {"folds": len(members), "note": "each network is stopped early on its own fold; the "
-            "validation split's metrics are not held out (every row trained all but one network)",
-            "metrics": {k: sum(m["validation"][k] * m["validation_rows"] for m in members) / rows
-                        for k in members[0]["validation"]}}
 
 
 def plots(data, trained) -> dict:
@@ -118,6 +106,9 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
         m = cv["metrics"]
         rows.append((f"cross-val. {metric}", f"{m[metric]:.4f}   loss {m['loss']:.4f}   (each network "
                      "on its own fold)"))
+        if others := cv.get("candidates"):
+            rows.append(("chosen", f"{cv['chosen']} (cross-val. {metric}: " + ", ".join(
+                f"{name} {v[metric]:.4f}" for name, v in others.items()) + "; --linear-candidate)"))
     if d := t.get("distributed"):
         rows.append(("processes", f"{d['world_size']} ranks ({d['backend']}), {d['batch_per_rank']} "
                                   "rows per rank per step"))
