@@ -384,9 +384,10 @@ def test_folds_default_to_five_for_in_memory_tables_only(tmp_path, csv_path):
         load_config(["--folds", "2.5"])
 
 
-def test_a_linear_candidate_is_kept_when_it_cross_validates_better(tmp_path):
+def test_a_linear_candidate_is_averaged_in_when_it_cross_validates_better(tmp_path):
     import numpy as np
     import pandas as pd
+    from training.ensemble import Ensemble
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 4))
     frame = pd.DataFrame(X, columns=list("abcd")).assign(y=X @ [3.0, -2.0, 1.0, 0.5] + rng.normal(0, 0.1, 300))
@@ -396,14 +397,16 @@ def test_a_linear_candidate_is_kept_when_it_cross_validates_better(tmp_path):
                  normalizer="standard", store=False)
     result = run(quick_config(tmp_path, **table))
     cv = result.card["training"]["cross_validation"]
-    assert cv["chosen"] == "linear" and cv["hidden"] == []
-    assert cv["candidates"]["linear"]["rmse"] < cv["candidates"]["network"]["rmse"]
-    members = result.trained.net.members
-    assert all([type(m) for m in member.body] == [nn.Linear] for member in members)  # no hidden layer
+    assert cv["chosen"] == "network + linear"
+    assert cv["candidates"]["network + linear"]["rmse"] < cv["candidates"]["network"]["rmse"]
+    assert cv["metrics"] == cv["candidates"]["network + linear"]
+    networks, linear = result.trained.net.members  # two bags, averaged; the export's parity held
+    assert isinstance(networks, Ensemble) and isinstance(linear, Ensemble) and len(linear.members) == 3
+    assert all([type(m) for m in member.body] == [nn.Linear] for member in linear.members)
     assert result.card["metrics"]["test"]["r2"] > 0.99
     alone = run(quick_config(tmp_path, **table, linear_candidate=False))
     assert "candidates" not in alone.card["training"]["cross_validation"]
-    assert alone.card["training"]["cross_validation"]["hidden"] == [16, 8]
+    assert len(alone.trained.net.members) == 3
 
 
 def test_an_empty_hidden_list_trains_a_linear_model(tmp_path, csv_path):

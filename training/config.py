@@ -16,7 +16,7 @@ from training.normalize import NORMALIZERS
 from training.schedules import SCHEDULERS
 
 AUTO_FOLDS_MAX_ROWS = 20_000  # --folds auto bags up to this many training + validation rows
-LINEAR_CANDIDATE_MAX_ROWS = 5_000  # --linear-candidate: where a linear model may win, and costs little
+LINEAR_CANDIDATE_MAX_ROWS = 5_000  # --linear-candidate: where a linear model may help, and costs little
 BUILTIN_DATASETS = ("breast_cancer", "digits", "wine", "iris", "diabetes", "digits-images")
 
 
@@ -92,7 +92,8 @@ class Config:
     linear_candidate: bool = _opt(True, "with --folds, on up to "
                                         f"{LINEAR_CANDIDATE_MAX_ROWS:,} training + validation rows: "
                                         "also bag a linear model (--hidden '') over the same folds "
-                                        "and keep it if its cross-validated metric is better")
+                                        "and average it in with the networks if that cross-validates "
+                                        "better")
     # run
     device: str = _opt("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     name: str | None = _opt(None, "model name (default: the dataset or file name)")
@@ -170,7 +171,8 @@ RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric
                 "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
                 "hidden", "linear_skip", "channels", "augment", "dropout", "optimizer", "lr",
                 "momentum", "weight_decay", "scheduler", "epochs", "batch_size", "stop_on",
-                "label_smoothing", "ensemble", "refit", "folds", "linear_candidate", "stream", "chunk_rows", "shuffle_rows")
+                "label_smoothing", "ensemble", "refit", "folds", "linear_candidate", "stream",
+                "chunk_rows", "shuffle_rows")
 
 
 def _list_of(kind):

@@ -4,6 +4,9 @@ to 20,000 training + validation rows), --ensemble k and --refit.
 `--folds k` pools the training and validation rows and cuts them into k folds (stratified for
 classification); network i trains on every fold but fold i and stops early on fold i, so every
 row trains k - 1 networks and judges one, and each network's best validation metric is held out.
+With --linear-candidate (on tables of up to 5,000 such rows) k linear models are bagged over the
+same folds too, and averaged in with the networks when fold by fold the pair judges its fold
+better than the network alone.
 `--ensemble k` trains k networks from seeds seed .. seed + k - 1 on the one training split (each
 with early stopping on the validation split). `--refit` then trains each member again from scratch
 on the training and validation rows together, for as many epochs as its best one, on the same
@@ -37,7 +40,9 @@ class Ensemble(nn.Module):
         self.normalize = members[0].normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(x)
+        return self.from_normalized(self.normalize(x))
+
+    def from_normalized(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m.from_normalized(x) for m in self.members]).mean(dim=0)
 
 
@@ -92,25 +97,30 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Tra
 
 def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     """k networks bagged over the folds; with --linear-candidate on a small enough table, also k
-    linear models over the same folds, and whichever cross-validates better."""
+    linear models over the same folds, averaged in with the networks if that cross-validates
+    better (each fold's network and linear model judged together on that fold)."""
     folds = fold_data(data, data.folds, cfg.seed)
-    chosen = _bag(cfg, folds, world)
+    bagged = _bag(cfg, folds, world)
     pooled_rows = sum(len(f.split.y_val) for f in folds)
-    if cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS \
-            and data.table.modality == "table":
-        linear = _bag(dataclasses.replace(cfg, hidden=[]), folds, world)
-        if world.main:
-            task = data.table.task
-            better = engine.is_better(linear.cross_validation["metrics"],
-                                      chosen.cross_validation["metrics"], task)
-            candidates = {"network": chosen.cross_validation["metrics"],
-                          "linear": linear.cross_validation["metrics"]}
-            linear.progress.elapsed = chosen.progress.elapsed = (chosen.progress.elapsed
-                                                                 + linear.progress.elapsed)
-            chosen = linear if better else chosen
-            chosen.cross_validation = {**chosen.cross_validation, "candidates": candidates,
-                                       "chosen": "linear" if better else "network"}
-    return chosen
+    if not (cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS
+            and data.table.modality != "image"):
+        return bagged
+    linear = _bag(dataclasses.replace(cfg, hidden=[]), folds, world)
+    if not world.main:
+        return None
+    task = data.table.task
+    both = cross_validation([{"validation_rows": len(f.split.y_val), "validation": engine.evaluate(
+        Ensemble([n, m]), *engine.tensors(f, "validation", "cpu"), task, f.y_mean, f.y_scale)}
+        for n, m, f in zip(bagged.net.members, linear.net.members, folds)], cfg.hidden)
+    blend = engine.is_better(both["metrics"], bagged.cross_validation["metrics"], task)
+    candidates = {"network": bagged.cross_validation["metrics"], "network + linear": both["metrics"]}
+    bagged.progress.elapsed += linear.progress.elapsed
+    if blend:
+        bagged.net = Ensemble([bagged.net, linear.net]).eval()
+        bagged.cross_validation = both
+    bagged.cross_validation = {**bagged.cross_validation, "candidates": candidates,
+                               "chosen": "network + linear" if blend else "network"}
+    return bagged
 
 
 def _bag(cfg, folds: list[Data], world: World) -> engine.Trained | None:
@@ -132,6 +142,7 @@ def _bag(cfg, folds: list[Data], world: World) -> engine.Trained | None:
 
 
 def cross_validation(members: list[dict], hidden: list[int]) -> dict:
+    # members: each fold's {"validation_rows": n, "validation": metrics on that fold}
     """Each network's best validation metrics on its own fold (rows it never trained on),
     averaged weighted by fold size: the bag's held-out estimate."""
     rows = sum(m["validation_rows"] for m in members)
