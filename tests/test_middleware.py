@@ -59,11 +59,14 @@ def test_body_within_the_limit_passes():
 
 # ---- BentoML's timeout middleware, as service/bentoml_patches.py replaces it ----------------
 
-def deadline_middleware(app, timeout: float):
+@pytest.fixture
+def deadline_middleware(monkeypatch):
+    """BentoML's TimeoutMiddleware as the patch replaces it, for this test only."""
     from bentoml._internal.server.http import traffic
     from service import bentoml_patches
+    monkeypatch.setattr(traffic, "TimeoutMiddleware", traffic.TimeoutMiddleware)  # restored after
     bentoml_patches.cancel_request_timers()
-    return traffic.TimeoutMiddleware(app, timeout=timeout)
+    return lambda app, timeout: traffic.TimeoutMiddleware(app, timeout=timeout)
 
 
 def slow_app(before: float, after: float = 0.0, error: Exception | None = None):
@@ -77,14 +80,14 @@ def slow_app(before: float, after: float = 0.0, error: Exception | None = None):
     return app
 
 
-def test_a_request_past_its_deadline_gets_504_at_the_deadline():
+def test_a_request_past_its_deadline_gets_504_at_the_deadline(deadline_middleware):
     started = time.perf_counter()
     status, body = asyncio.run(call(deadline_middleware(slow_app(5), timeout=0.2), []))
     assert status == 504 and "0.2 s" in json.loads(body)["error"]
     assert time.perf_counter() - started < 1.5
 
 
-def test_a_response_under_way_is_not_cut_off_and_errors_are_not_waited_for():
+def test_a_response_under_way_is_not_cut_off_and_errors_are_not_waited_for(deadline_middleware):
     assert asyncio.run(call(deadline_middleware(slow_app(0, after=0.4), timeout=0.2), [])) == (200, b"ok")
     assert asyncio.run(call(deadline_middleware(slow_app(0.01), timeout=0.2), [])) == (200, b"ok")
     for error in (ValueError("boom"), TimeoutError("the app's own")):

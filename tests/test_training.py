@@ -414,3 +414,11 @@ def test_an_empty_hidden_list_trains_a_linear_model(tmp_path, csv_path):
     result = run(quick_config(tmp_path, data=str(csv_path), target="label", hidden=[], store=False))
     assert [type(m) for m in result.trained.net.body] == [nn.Linear]
     assert result.card["metrics"]["test"]["accuracy"] > 0.8
+
+
+def test_more_folds_than_the_rows_allow_is_a_one_line_error(tmp_path, csv_path):
+    from training.rules import DataError
+    with pytest.raises(DataError, match="--folds 400: 340 training [+] validation rows cannot make 400 folds"):
+        run(quick_config(tmp_path, data=str(csv_path), target="label", folds=400, store=False))
+    with pytest.raises(SystemExit):
+        load_config(["--folds", "inf"])

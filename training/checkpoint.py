@@ -4,6 +4,8 @@ A checkpoint holds only tensors and plain values, so it loads with `weights_only
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -81,7 +83,9 @@ def resume(cfg, world_size: int) -> Checkpoint:
         state = Checkpoint.load(path)
     except Exception as e:
         raise ConfigError(f"--resume: cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
-    saved, now = state.config, cfg.to_dict()
+    # A checkpoint written before an option existed was made with that option's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    saved, now = {**defaults, **state.config}, cfg.to_dict()
     if changed := [k for k in RUN_DEFINING if saved.get(k) != now.get(k)]:
         diffs = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
         raise ConfigError(f"--resume: checkpoint {path} was made with a different config: {diffs}")

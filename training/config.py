@@ -188,7 +188,11 @@ def folds(value) -> int | str:
     """A fold count: a whole number, or "auto"."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
-    if isinstance(value, bool) or float(value) != int(float(value)):
+    try:
+        whole = not isinstance(value, bool) and float(value) == int(float(value))
+    except OverflowError:  # inf
+        whole = False
+    if not whole:
         raise ValueError(f"expected a whole number or auto, got {value!r}")
     return int(float(value))
 

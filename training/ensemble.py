@@ -27,6 +27,7 @@ from training.config import LINEAR_CANDIDATE_MAX_ROWS
 from training.data import Split
 from training.dataset import Data, pooled
 from training.distributed import World
+from training.rules import MIN_TRAIN_ROWS, DataError
 
 
 class Ensemble(nn.Module):
@@ -57,6 +58,9 @@ def fold_data(data: Data, k: int, seed: int) -> list[Data]:
     from sklearn.model_selection import KFold, StratifiedKFold
     rows = pooled(data.split)
     X, y = rows.X_train, rows.y_train
+    if k > len(y) or len(y) - int(np.ceil(len(y) / k)) < MIN_TRAIN_ROWS:
+        raise DataError(f"--folds {k}: {len(y)} training + validation rows cannot make {k} folds "
+                        f"that each leave {MIN_TRAIN_ROWS} rows to train on; use fewer folds")
     stratify = rows.stratified and np.bincount(y).min() >= k
     folds = (StratifiedKFold if stratify else KFold)(k, shuffle=True, random_state=seed)
     take = (lambda idx: X.iloc[idx].reset_index(drop=True)) if isinstance(X, pd.DataFrame) \
@@ -117,6 +121,7 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     bagged.progress.elapsed += linear.progress.elapsed
     if blend:
         bagged.net = Ensemble([bagged.net, linear.net]).eval()
+        bagged.members += [{**m, "linear": True} for m in linear.members]
         bagged.cross_validation = both
     bagged.cross_validation = {**bagged.cross_validation, "candidates": candidates,
                                "chosen": "network + linear" if blend else "network"}
@@ -147,8 +152,9 @@ def cross_validation(members: list[dict], hidden: list[int]) -> dict:
     averaged weighted by fold size: the bag's held-out estimate."""
     rows = sum(m["validation_rows"] for m in members)
     return {"folds": len(members), "hidden": list(hidden),
-            "note": "each network is stopped early on its own fold; the validation split's metrics "
-                    "are not held out (every row trained all but one network)",
+            "note": "each network is stopped early on its own fold (the normalizer was fitted on "
+                    "every fold's rows); the validation split's metrics are not held out (every "
+                    "row trained all but one network)",
             "metrics": {k: sum(m["validation"][k] * m["validation_rows"] for m in members) / rows
                         for k in members[0]["validation"]}}
 
