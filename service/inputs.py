@@ -139,6 +139,13 @@ def _finite_float32(X: np.ndarray) -> bool:
     return bool(np.isfinite(X).all() and np.abs(X).max() <= FLOAT32_MAX)
 
 
+def first_bad_cell(X: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first value of a numeric array that is not a finite float32, if any."""
+    if _finite_float32(X.astype(np.float64)):
+        return None
+    return tuple(np.argwhere(~np.isfinite(X) | (np.abs(X.astype(np.float64)) > FLOAT32_MAX))[0])
+
+
 def parse_npy(body: bytes, shape: tuple[int, ...], max_rows: int, image: bool) -> np.ndarray:
     """A NumPy .npy array (np.save; never pickled objects) of shape [rows, *shape]: float or
     integer values for tables, uint8 for images. The bulk path: no JSON to parse."""
@@ -158,10 +165,9 @@ def parse_npy(body: bytes, shape: tuple[int, ...], max_rows: int, image: bool) -
         return X
     if X.dtype.kind not in "iuf":
         raise BadRequest(f"expected a float or integer array, got {X.dtype}")
-    if not _finite_float32(X.astype(np.float64)):
-        bad = np.argwhere(~np.isfinite(X) | (np.abs(X.astype(np.float64)) > FLOAT32_MAX))[0]
+    if (bad := first_bad_cell(X)) is not None:
         raise BadRequest(f"row {bad[0]}, column {bad[1]}: expected a finite number in the float32 "
-                         f"range, got {X[tuple(bad)]}")
+                         f"range, got {X[bad]}")
     return X.astype(np.float32)
 
 

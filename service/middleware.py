@@ -11,6 +11,8 @@ import json
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from service.oip import HEADER_LENGTH
+
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -121,7 +123,7 @@ class OpenInference:
         body = await _read_body(receive) if scope["method"] == "POST" else b""
         if body is None:
             return
-        length = next((v for k, v in scope["headers"] if k == b"inference-header-content-length"), None)
+        length = next((v for k, v in scope["headers"] if k == HEADER_LENGTH), None)
         status, headers, answer = self.protocol.handle(scope["method"], path, body, length)
         kind = b"application/octet-stream" if headers else b"application/json"
         await send({"type": "http.response.start", "status": status,

@@ -22,16 +22,17 @@ import struct
 import numpy as np
 import orjson
 
-from service.inputs import BadRequest, parse_records
+from service.inputs import BadRequest, first_bad_cell, parse_records
 
 DTYPES = {"FP32": np.float32, "INT64": np.int64, "UINT8": np.uint8}
 ROUTE = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?")
 HEADER_LENGTH = b"inference-header-content-length"
+SERVER_PATHS = ("/v2", "/v2/health/live", "/v2/health/ready")
 
 
 def endpoint_template(path: str) -> str | None:
     """A protocol path as its route template (the `endpoint` label of request metrics)."""
-    if path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+    if path in SERVER_PATHS:
         return path
     if (route := ROUTE.fullmatch(path)) is None:
         return None
@@ -81,7 +82,7 @@ class Protocol:
     def handle(self, method: str, path: str, body: bytes, header_length: bytes | None) -> tuple[int, list, bytes]:
         """(status, extra headers, body) for a request to a /v2 path."""
         try:
-            if path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+            if path in SERVER_PATHS:
                 allow(method, "GET")
                 return 200, [], orjson.dumps(self.server_metadata() if path == "/v2" else
                                              {path.rsplit("/", 1)[1]: True})
@@ -102,15 +103,12 @@ class Protocol:
     # ---- inference --------------------------------------------------------------------------
 
     def infer(self, body: bytes, header_length: bytes | None) -> tuple[int, list, bytes]:
-        """(status, extra headers, body) for POST .../infer."""
-        try:
-            head, binary = split_body(body, header_length)
-            request = loads(head)
-            tensors = self.read_inputs(request, binary)
-            out = self.scorer.run(self.feeds(tensors))
-            return 200, *self.write_outputs(request, out)
-        except BadRequest as e:
-            return e.status, [], orjson.dumps({"error": str(e)})
+        """(status, extra headers, body) for POST .../infer; raises BadRequest."""
+        head, binary = split_body(body, header_length)
+        request = loads(head)
+        tensors = self.read_inputs(request, binary)
+        out = self.scorer.run(self.feeds(tensors))
+        return 200, *self.write_outputs(request, out)
 
     def read_inputs(self, request: dict, binary: bytes) -> dict:
         given = request.get("inputs")
@@ -167,10 +165,9 @@ class Protocol:
         values, shape = tensors[s.input]
         if isinstance(values, np.ndarray):  # binary: check the array itself
             array = values.reshape(shape)
-            if not s.image and not np.isfinite(array).all():
-                i, j = np.argwhere(~np.isfinite(array))[0]
-                raise BadRequest(f"row {i}, feature {s.feature_names[j]!r}: expected a finite number, "
-                                 f"got {array[i, j]}")
+            if not s.image and (bad := first_bad_cell(array)) is not None:
+                raise BadRequest(f"row {bad[0]}, feature {s.feature_names[bad[1]]!r}: expected a finite "
+                                 f"number, got {array[bad]}")
             return {s.input: array}
         return s.check(nest(values, shape))  # JSON: the rows (or images) as /predict takes them
 
@@ -209,7 +206,7 @@ class Protocol:
         head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
         if not blobs:
             return [], head
-        return [(b"inference-header-content-length", str(len(head)).encode())], head + b"".join(blobs)
+        return [(HEADER_LENGTH, str(len(head)).encode())], head + b"".join(blobs)
 
 
 # ---- the wire format ------------------------------------------------------------------------

@@ -4,8 +4,6 @@ A checkpoint holds only tensors and plain values, so it loads with `weights_only
 """
 from __future__ import annotations
 
-import dataclasses
-
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -84,7 +82,7 @@ def resume(cfg, world_size: int) -> Checkpoint:
     except Exception as e:
         raise ConfigError(f"--resume: cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
     # A checkpoint written before an option existed was made with that option's default.
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    defaults = {f.name: f.default for f in fields(cfg)}
     saved, now = {**defaults, **state.config}, cfg.to_dict()
     if changed := [k for k in RUN_DEFINING if saved.get(k) != now.get(k)]:
         diffs = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)

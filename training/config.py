@@ -130,8 +130,7 @@ class Config:
                             (self.patience >= 0, "--patience must be >= 0"),
                             (self.ensemble >= 1, "--ensemble must be at least 1"),
                             (self.folds == "auto" or self.folds >= 1, "--folds must be at least 1, or auto"),
-                            (self.folds in ("auto", 1) or not (self.stream or self.ensemble > 1 or self.refit
-                                                               or self.resume),
+                            (self.folds in ("auto", 1) or not self.excludes_folds,
                              "--folds trains in-memory runs, without --ensemble, --refit or --resume"),
                             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
                             (not (self.refit and self.stream), "--refit needs an in-memory run "
@@ -147,12 +146,17 @@ class Config:
     def is_images(self) -> bool:
         return bool(self.images or self.dataset == "digits-images" and not self.data)
 
+    @property
+    def excludes_folds(self) -> bool:
+        """Options --folds does not combine with: --stream, --ensemble, --refit, --resume."""
+        return bool(self.stream or self.ensemble > 1 or self.refit or self.resume)
+
     def folds_for(self, rows: int) -> int:
         """--folds with auto settled for `rows` training + validation rows: 5 where bagging applies
         and costs little (five networks' training time; measured in docs/quality.md), else 1."""
         if self.folds != "auto":
             return self.folds
-        plain = not (self.is_images or self.stream or self.ensemble > 1 or self.refit or self.resume)
+        plain = not (self.is_images or self.excludes_folds)
         return 5 if plain and rows <= AUTO_FOLDS_MAX_ROWS else 1
 
     @property
@@ -207,6 +211,9 @@ def rate(value) -> float | str:
         raise ValueError(f"expected a number or auto, got {value!r}") from None
 
 
+CASTERS = {"int": int, "float": float, "float | str": rate, "int | str": folds}  # by field type
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training.fit",
@@ -220,8 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
             kw["help"] += f" (default: {f.default})"
         else:
-            kw["type"] = {"int": int, "float": float, "float | str": rate, "int | str": folds, "int | None": int,
-                          "list[int]": _list_of(int),
+            kw["type"] = {**CASTERS, "int | None": int, "list[int]": _list_of(int),
                           "list[str] | None": _list_of(str)}.get(f.type, str)
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
@@ -272,7 +278,7 @@ def make_config(values: dict[str, Any]) -> Config:
             if word not in ("true", "false", "yes", "no", "1", "0"):
                 raise ConfigError(f"option {f.name} must be true or false, got {values[f.name]!r}")
             values[f.name] = word in ("true", "yes", "1")
-        caster = {"int": int, "float": float, "float | str": rate, "int | str": folds}.get(f.type)
+        caster = CASTERS.get(f.type)
         if caster and f.name in values:
             try:
                 values[f.name] = caster(values[f.name])

@@ -47,11 +47,6 @@ class Ensemble(nn.Module):
         return torch.stack([m.from_normalized(x) for m in self.members]).mean(dim=0)
 
 
-def merged(data: Data) -> Data:
-    """The data with the validation rows added to the training rows (for a refit)."""
-    return dataclasses.replace(data, split=pooled(data.split))
-
-
 def fold_data(data: Data, k: int, seed: int) -> list[Data]:
     """k copies of the data: in copy i the validation rows are fold i of the pooled training and
     validation rows, the training rows the other folds; the test rows stay as they are."""
@@ -89,7 +84,8 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Tra
         if cfg.refit:
             best = world.share(lambda: trained.progress.best_epoch)
             refit_cfg = dataclasses.replace(member_cfg, lr=lr)
-            refitted = engine.train(refit_cfg, merged(data), world, checkpoints=False, epochs=best)
+            merged = dataclasses.replace(data, split=pooled(data.split))  # training + validation rows
+            refitted = engine.train(refit_cfg, merged, world, checkpoints=False, epochs=best)
             if trained is not None:
                 trained.net, seconds = refitted.net, seconds + refitted.progress.elapsed
         members.append(trained)
@@ -115,7 +111,7 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     task = data.table.task
     both = cross_validation([{"validation_rows": len(f.split.y_val), "validation": engine.evaluate(
         Ensemble([n, m]), *engine.tensors(f, "validation", "cpu"), task, f.y_mean, f.y_scale)}
-        for n, m, f in zip(bagged.net.members, linear.net.members, folds)], cfg.hidden)
+        for n, m, f in zip(bagged.net.members, linear.net.members, folds)])
     blend = engine.is_better(both["metrics"], bagged.cross_validation["metrics"], task)
     candidates = {"network": bagged.cross_validation["metrics"], "network + linear": both["metrics"]}
     bagged.progress.elapsed += linear.progress.elapsed
@@ -142,16 +138,16 @@ def _bag(cfg, folds: list[Data], world: World) -> engine.Trained | None:
     described = [{"fold": i + 1, "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
                   "validation": m.progress.best} for i, (m, fold) in enumerate(zip(members, folds))]
     combined = _combined(members, seconds, described, refit=False)
-    combined.cross_validation = cross_validation(described, cfg.hidden)
+    combined.cross_validation = cross_validation(described)
     return combined
 
 
-def cross_validation(members: list[dict], hidden: list[int]) -> dict:
-    # members: each fold's {"validation_rows": n, "validation": metrics on that fold}
+def cross_validation(members: list[dict]) -> dict:
     """Each network's best validation metrics on its own fold (rows it never trained on),
-    averaged weighted by fold size: the bag's held-out estimate."""
+    averaged weighted by fold size: the bag's held-out estimate. `members`: per fold,
+    {"validation_rows": n, "validation": metrics on that fold}."""
     rows = sum(m["validation_rows"] for m in members)
-    return {"folds": len(members), "hidden": list(hidden),
+    return {"folds": len(members),
             "note": "each network is stopped early on its own fold (the normalizer was fitted on "
                     "every fold's rows); the validation split's metrics are not held out (every "
                     "row trained all but one network)",
