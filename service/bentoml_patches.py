@@ -112,8 +112,8 @@ def cancel_request_timers() -> None:
     before responding. This one waits for whichever comes first (the response starting, the app
     finishing, the timeout) and keeps nothing afterwards. BentoML looks the class up when it
     builds the app, after the service module is imported. The app runs in a task of its own:
-    tried in the request's own task under asyncio.timeout instead, throughput was the same and
-    p99 at 32 clients 15.6 ms instead of 11.6 (benchmarks/serve_tail.py).
+    tried in the request's own task under asyncio.timeout instead, p99 at 32 clients was 15.6 ms
+    against 12.5 (medians of three serve_tail runs) at the same throughput (benchmarks/serve_tail.py).
     """
     from bentoml._internal.server.http import traffic
 
