@@ -49,7 +49,7 @@ def reached(value: float, metric: str, threshold: float) -> bool:
 def one_run(dataset: str, table, variant: str, seed: int, epochs: int) -> dict:
     metric, threshold = TARGETS[dataset]
     cfg = make_config({"dataset": dataset, "epochs": epochs, "patience": 0, "seed": seed,
-                       "progress": False, **VARIANTS[variant]})
+                       "folds": 1, "progress": False, **VARIANTS[variant]})  # one network each
     world = World.start(cfg.device)
     data = prepare(cfg, world, table)
     t = engine.train(cfg, data, world, checkpoints=False)

@@ -242,7 +242,7 @@ def test_a_streamed_regression_target_is_standardized_whatever_the_normalizer(tm
     frame.to_csv(path, index=False)
     cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100)
     s = stream.scan(cfg, QuantileNormal())
-    train = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_size) == stream.TRAIN
+    train = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_share(1)) == stream.TRAIN
     assert s.task == "regression"
     assert s.y_scaling.mean_[0] == pytest.approx(frame.label.to_numpy()[train].mean(), rel=1e-12)
 

@@ -47,7 +47,7 @@ def test_streamed_statistics_equal_in_memory_statistics(tables, tmp_path, fmt):
     cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=37)
     s = scan(cfg)
     # In memory: the whole file at once, the same rows in the training split.
-    split = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_size)
+    split = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_share(1))
     features = s.features
     whole = StandardScaler().fit(frame.loc[split == stream.TRAIN, features].to_numpy())
     np.testing.assert_allclose(s.normalizer.mean_, whole.mean_, rtol=1e-12)
@@ -65,7 +65,7 @@ def test_streamed_regression_target_statistics(tmp_path):
     frame.to_csv(path, index=False)
     cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100)
     s = scan(cfg)
-    train = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_size) == 0
+    train = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_share(1)) == 0
     y = frame.label.to_numpy()[train]
     assert s.task == "regression"
     assert s.y_scaling.mean_[0] == pytest.approx(y.mean(), rel=1e-12)
@@ -102,7 +102,7 @@ def test_stream_shards_are_disjoint_and_reshuffled_each_epoch(tables, tmp_path, 
                        stream=True, chunk_rows=128, shuffle_rows=500)
     s = scan(cfg, world_size=2)
     train = np.flatnonzero(stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size,
-                                           cfg.test_size) == stream.TRAIN)
+                                           cfg.test_share(1)) == stream.TRAIN)
     seen = {}
     for rank in (0, 1):
         steps = steps_per_epoch(s.rows_per_rank[rank], 16)

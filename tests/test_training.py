@@ -263,7 +263,8 @@ def test_degenerate_but_valid_data_trains(tmp_path, capsys):
     path = write(tmp_path / "odd.csv", "\n".join(rows) + "\n")
     models = tmp_path / "models"
     assert main(["--data", str(path), "--target", "label", "--models-dir", str(models), "--epochs", "3",
-                 "--batch-size", "83", "--no-progress", "--no-store", "--normalizer", "standard"]) == 0
+                 "--batch-size", "83", "--no-progress", "--no-store", "--normalizer", "standard",
+                 "--folds", "1"]) == 0
     card = json.loads(next(models.rglob("card.json")).read_text())
     assert card["normalization"]["scale"][1] == 1.0 and card["classes"] == ["no", "rare", "yes"]
     assert card["rows"]["train"] % 83 == 1 and not card["stratified"]  # 84 = 83 + a batch of 1
@@ -342,27 +343,27 @@ def test_folds_bag_networks_each_stopped_early_on_its_own_fold(tmp_path, csv_pat
                               patience=3, normalizer="standard", store=False))
     split, data = result.data.split, result.data
     rows = pooled(split)
-    # The normalizer is fitted on the rows the networks train on: training + validation, not test.
+    # No test split by default: every row is in a fold, and the normalizer is fitted on them all.
+    assert len(split.y_test) == 0 and len(rows.y_train) == 400 and "test" not in result.card["metrics"]
     np.testing.assert_allclose(result.card["normalization"]["mean"], rows.X_train.mean(axis=0), rtol=1e-6)
     folds = fold_data(data, 3, 0)
     held = np.concatenate([f.split.X_val for f in folds])
     assert len(held) == len(rows.X_train) and len(np.unique(held, axis=0)) == len(np.unique(rows.X_train, axis=0))
-    for f in folds:  # a fold's validation rows are not among its training rows; the test split is apart
+    for f in folds:  # a fold's validation rows are not among its training rows
         train_rows = {r.tobytes() for r in f.split.X_train}
         assert not any(r.tobytes() in train_rows for r in f.split.X_val)
-        assert f.split.X_test is split.X_test
     members, t = result.trained.net.members, result.card["training"]
     assert [m["fold"] for m in t["members"]] == [1, 2, 3] and len(members) == 3
     cv = t["cross_validation"]
     expected = sum(m["validation"]["accuracy"] * m["validation_rows"] for m in t["members"]) / len(held)
     assert cv["folds"] == 3 and cv["metrics"]["accuracy"] == pytest.approx(expected)
-    X = split.X_test.astype(np.float32)
+    X = rows.X_train.astype(np.float32)
     with torch.no_grad():
         mean_logits = torch.stack([m.eval()(torch.from_numpy(X)) for m in members]).mean(0)
     session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
     np.testing.assert_allclose(session.run(["probabilities"], {"features": X})[0],
                                torch.softmax(mean_logits, -1).numpy(), atol=1e-5)
-    assert result.card["metrics"]["test"]["accuracy"] > 0.85
+    assert cv["metrics"]["accuracy"] > 0.85 and result.card["parity"]["split"] == "validation"
     ops = [n.op_type for n in onnx.load(str(result.model_dir / "model.onnx")).graph.node]
     assert ops.count("Sub") == ops.count("Div") == 1  # the inputs normalized once, not per network
 
@@ -371,6 +372,9 @@ def test_folds_default_to_five_for_in_memory_tables_only(tmp_path, csv_path):
     from training.config import AUTO_FOLDS_MAX_ROWS as most
     table = dict(data=str(csv_path), target="label")
     assert load_config([]).folds_for(most) == 5 and load_config([]).folds_for(most + 1) == 1
+    # With folds no test split, unless asked for; one network keeps 15% of the rows for its test.
+    assert load_config([]).test_share(5) == 0 and load_config([]).test_share(1) == 0.15
+    assert load_config(["--test-size", "0.2"]).test_share(5) == 0.2
     assert load_config(["--data", "t.csv", "--target", "y"]).folds_for(100) == 5
     for one in (["--dataset", "digits-images"], ["--images", "x"], ["--ensemble", "3"], ["--refit"],
                 ["--data", "t.csv", "--target", "y", "--stream"], ["--resume"]):
@@ -403,9 +407,11 @@ def test_a_linear_candidate_is_averaged_in_when_it_cross_validates_better(tmp_pa
     networks, linear = result.trained.net.members  # two bags, averaged; the export's parity held
     assert isinstance(networks, Ensemble) and isinstance(linear, Ensemble) and len(linear.members) == 3
     assert all([type(m) for m in member.body] == [nn.Linear] for member in linear.members)
-    assert result.card["metrics"]["test"]["r2"] > 0.99
-    alone = run(quick_config(tmp_path, **table, linear_candidate=False))
+    assert cv["metrics"]["r2"] > 0.99
+    alone = run(quick_config(tmp_path, **table, linear_candidate=False, test_size=0.15))
     assert "candidates" not in alone.card["training"]["cross_validation"]
+    assert alone.card["rows"]["test"] == 45 and alone.card["parity"]["split"] == "test"
+    assert alone.card["metrics"]["test"]["r2"] > 0.99
     assert len(alone.trained.net.members) == 3
 
 
@@ -418,7 +424,7 @@ def test_an_empty_hidden_list_trains_a_linear_model(tmp_path, csv_path):
 
 def test_more_folds_than_the_rows_allow_is_a_one_line_error(tmp_path, csv_path):
     from training.rules import DataError
-    with pytest.raises(DataError, match="--folds 400: 340 training [+] validation rows cannot make 400 folds"):
-        run(quick_config(tmp_path, data=str(csv_path), target="label", folds=400, store=False))
+    with pytest.raises(DataError, match="--folds 401: 400 training [+] validation rows cannot make 401 folds"):
+        run(quick_config(tmp_path, data=str(csv_path), target="label", folds=401, store=False))
     with pytest.raises(SystemExit):
         load_config(["--folds", "inf"])

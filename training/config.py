@@ -15,7 +15,8 @@ import yaml
 from training.normalize import NORMALIZERS
 from training.schedules import SCHEDULERS
 
-AUTO_FOLDS_MAX_ROWS = 20_000  # --folds auto bags up to this many training + validation rows
+AUTO_FOLDS_MAX_ROWS = 20_000  # --folds auto bags tables of up to this many rows
+TEST_SIZE = 0.15  # --test-size auto without --folds
 LINEAR_CANDIDATE_MAX_ROWS = 5_000  # --linear-candidate: where a linear model may help, and costs little
 BUILTIN_DATASETS = ("breast_cancer", "digits", "wine", "iris", "diabetes", "digits-images")
 
@@ -45,7 +46,10 @@ class Config:
     drop: list[str] | None = _opt(None, "comma-separated columns to leave out")
     task: str = _opt("auto", "auto infers it from the target", choices=("auto", "classification", "regression"))
     val_size: float = _opt(0.15, "share of rows held out for validation (early stopping)")
-    test_size: float = _opt(0.15, "share of rows held out for the final test metrics")
+    test_size: float | str = _opt("auto", "share of rows held out for the final test metrics; auto: "
+                                          "none with --folds (each network is judged on its own "
+                                          "fold, and the cross-validated metrics are the held-out "
+                                          f"estimate), {TEST_SIZE} otherwise")
     seed: int = _opt(0, "seed for the split, the weights and the batch order")
     # tables larger than memory
     stream: bool = _opt(False, "read --data in chunks instead of whole (tables larger than memory; "
@@ -87,7 +91,7 @@ class Config:
                                     "networks each trained on all folds but one and stopped early on "
                                     "that one, their average exported; 1 = one network and the "
                                     "validation split; auto = 5 for in-memory tables of up to "
-                                    f"{AUTO_FOLDS_MAX_ROWS:,} training + validation rows without "
+                                    f"{AUTO_FOLDS_MAX_ROWS:,} rows without "
                                     "--ensemble, --refit or --resume, 1 otherwise")
     linear_candidate: bool = _opt(True, "with --folds, on up to "
                                         f"{LINEAR_CANDIDATE_MAX_ROWS:,} training + validation rows: "
@@ -119,8 +123,10 @@ class Config:
         if self.stream and (self.categorical or self.numeric):
             raise ConfigError("--stream takes numeric feature columns; --categorical/--numeric "
                               "need an in-memory run (without --stream)")
-        if not 0 < self.val_size < 1 or not 0 < self.test_size < 1 or self.val_size + self.test_size >= 1:
-            raise ConfigError("--val-size and --test-size must be in (0, 1) and add up to less than 1")
+        test = self.test_share(folds=1)
+        if not 0 < self.val_size < 1 or not 0 <= test < 1 or self.val_size + test >= 1:
+            raise ConfigError("--val-size must be in (0, 1), --test-size in [0, 1) (or auto), and "
+                              "together less than 1")
         for ok, message in [(self.epochs >= 1, "--epochs must be at least 1"),
                             (self.batch_size >= 2, "--batch-size must be at least 2 (BatchNorm)"),
                             (all(w >= 1 for w in self.hidden), "--hidden widths must be >= 1"),
@@ -152,12 +158,20 @@ class Config:
         return bool(self.stream or self.ensemble > 1 or self.refit or self.resume)
 
     def folds_for(self, rows: int) -> int:
-        """--folds with auto settled for `rows` training + validation rows: 5 where bagging applies
-        and costs little (five networks' training time; measured in docs/quality.md), else 1."""
+        """--folds with auto settled for a table of `rows` rows: 5 where bagging applies and costs
+        little (measured in docs/quality.md), else 1."""
         if self.folds != "auto":
             return self.folds
         plain = not (self.is_images or self.excludes_folds)
         return 5 if plain and rows <= AUTO_FOLDS_MAX_ROWS else 1
+
+    def test_share(self, folds: int) -> float:
+        """--test-size with auto settled: no test split when the networks are bagged over folds
+        (every row then trains four of five networks and judges the fifth, which paid more than a
+        test split's rows held out: docs/quality.md), else TEST_SIZE."""
+        if self.test_size != "auto":
+            return self.test_size
+        return 0.0 if folds > 1 else TEST_SIZE
 
     @property
     def model_name(self) -> str:
@@ -201,8 +215,8 @@ def folds(value) -> int | str:
     return int(float(value))
 
 
-def rate(value) -> float | str:
-    """A learning rate: a number, or "auto"."""
+def number_or_auto(value) -> float | str:
+    """A learning rate or a share: a number, or "auto"."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
@@ -211,7 +225,7 @@ def rate(value) -> float | str:
         raise ValueError(f"expected a number or auto, got {value!r}") from None
 
 
-CASTERS = {"int": int, "float": float, "float | str": rate, "int | str": folds}  # by field type
+CASTERS = {"int": int, "float": float, "float | str": number_or_auto, "int | str": folds}  # by field type
 
 
 def build_parser() -> argparse.ArgumentParser:

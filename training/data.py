@@ -212,13 +212,14 @@ def split_table(table: Table, val_size: float, test_size: float, seed: int) -> S
     if table.task == "classification":
         counts = np.bincount(table.y)
         # Each class needs a row in every split and at least as many classes as test rows.
-        if counts.min() >= 3 and len(counts) <= min(n_test, n_val):
+        if counts.min() >= 3 and len(counts) <= min(n_test or n_val, n_val):
             stratify = table.y
         else:
             warnings.warn("some classes have fewer than 3 rows, so the split is not stratified",
                           DataNote)
     idx = np.arange(n)
-    rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
+    rest, test = (train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
+                  if n_test else (idx, idx[:0]))  # --test-size 0: no test split
     train, val = train_test_split(rest, test_size=n_val, random_state=seed,
                                   stratify=None if stratify is None else stratify[rest])
     X, y = table.X, table.y

@@ -52,9 +52,9 @@ def prepare(cfg, world: World, table: Table | None = None) -> Data:
     if cfg.stream:
         return _streamed(cfg, world)
     table = table or load_table(cfg)
-    split = split_table(table, cfg.val_size, cfg.test_size, cfg.seed)
+    folds = cfg.folds_for(len(table.y))
+    split = split_table(table, cfg.val_size, cfg.test_share(folds), cfg.seed)
     # With --folds the networks train on the validation rows too (all folds but one each).
-    folds = cfg.folds_for(len(split.y_train) + len(split.y_val))
     fitted_on = pooled(split) if folds > 1 else split
     normalizer = world.share(lambda: make_normalizer(cfg.normalizer, table.modality, table.columns)
                              .fit(fitted_on.X_train))

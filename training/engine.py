@@ -60,10 +60,11 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float, momentum: 
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def loss_fn(task: str, label_smoothing: float = 0.0):
+def loss_fn(task: str, label_smoothing: float = 0.0, reduction: str = "mean"):
     if task == "classification":
-        return lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing)
-    return lambda out, y: F.mse_loss(out.squeeze(-1), y)
+        return lambda out, y: F.cross_entropy(out, y, label_smoothing=label_smoothing,
+                                              reduction=reduction)
+    return lambda out, y: F.mse_loss(out.squeeze(-1), y, reduction=reduction)
 
 
 def train_one_epoch(model: nn.Module, batches, task: str, optimizer, schedule: LRSchedule,
@@ -96,7 +97,12 @@ def predict(model: nn.Module, X: torch.Tensor, batch_size: int = 8192) -> torch.
 def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, task: str,
              y_mean: float = 0.0, y_scale: float = 1.0) -> dict[str, float]:
     """Loss and metrics; regression metrics are in the target's original units."""
-    out = predict(model, X)
+    return metrics_of(predict(model, X), y, task, y_mean, y_scale)
+
+
+def metrics_of(out: torch.Tensor, y: torch.Tensor, task: str, y_mean: float = 0.0,
+               y_scale: float = 1.0) -> dict[str, float]:
+    """Loss and metrics of outputs `out` (logits, or standardized predictions) for targets `y`."""
     loss = float(loss_fn(task)(out, y))
     if task == "classification":
         return {"loss": loss, "accuracy": float((out.argmax(-1) == y).float().mean())}
@@ -252,7 +258,7 @@ def tensors(data: Data, split: str, device) -> list[torch.Tensor]:
 
 
 def evaluate_splits(net: nn.Module, data: Data) -> dict[str, dict[str, float]]:
-    """Loss and metrics of the network on each split."""
+    """Loss and metrics of the network on each split that has rows (--folds: no test split)."""
     return {split: evaluate(net, *tensors(data, split, "cpu"), data.table.task, data.y_mean,
                             data.y_scale)
-            for split in ("train", "validation", "test")}
+            for split in ("train", "validation", "test") if len(data.targets(split))}

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from training import engine
+from training import engine, stacked
 from training.config import LINEAR_CANDIDATE_MAX_ROWS
 from training.data import Split
 from training.dataset import Data, pooled
@@ -125,6 +125,21 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
 
 
 def _bag(cfg, folds: list[Data], world: World) -> engine.Trained | None:
+    if stacked.applies(folds[0], world):
+        members, seconds = stacked.train(cfg, folds, world)  # all folds' networks at once
+    else:
+        members, seconds = _one_by_one(cfg, folds, world)
+    if not world.main:
+        return None
+    described = [{"fold": i + 1, "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
+                  "validation": m.progress.best} for i, (m, fold) in enumerate(zip(members, folds))]
+    combined = _combined(members, seconds, described, refit=False)
+    combined.cross_validation = cross_validation(described)
+    return combined
+
+
+def _one_by_one(cfg, folds: list[Data], world: World) -> tuple[list, float]:
+    """Images, and tables under torchrun: engine.train once per fold (member i seeded seed + i)."""
     members, lr, seconds = [], cfg.lr, 0.0
     for i, fold in enumerate(folds):
         trained = engine.train(dataclasses.replace(cfg, seed=cfg.seed + i, lr=lr), fold, world,
@@ -133,13 +148,7 @@ def _bag(cfg, folds: list[Data], world: World) -> engine.Trained | None:
         if trained is not None:
             seconds += trained.progress.elapsed
         members.append(trained)
-    if not world.main:
-        return None
-    described = [{"fold": i + 1, "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
-                  "validation": m.progress.best} for i, (m, fold) in enumerate(zip(members, folds))]
-    combined = _combined(members, seconds, described, refit=False)
-    combined.cross_validation = cross_validation(described)
-    return combined
+    return members, seconds
 
 
 def cross_validation(members: list[dict]) -> dict:

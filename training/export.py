@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from training.contract import INPUTS, OUTPUTS, PIPELINE_LABEL, encode_metadata
+from training.dataset import SPLITS
+from training.engine import tensors
 
 PARITY_TOLERANCE = 1e-4
 
@@ -60,20 +62,21 @@ def export_onnx(model: nn.Module, example: torch.Tensor, input_name: str, task: 
             return program.model_proto
 
 
-def export_model(head: nn.Module, data, X_test: torch.Tensor, metadata: dict) -> tuple[onnx.ModelProto, dict]:
+def export_model(head: nn.Module, data, split: str, metadata: dict) -> tuple[onnx.ModelProto, dict]:
     """The exported graph (the normalizer's piece, then the network and its head) with its
-    metadata, and proof that it answers the test split's raw inputs as `head` answers `X_test`
-    (the same rows as the network takes them)."""
-    task, raw = data.table.task, data.split.X_test
+    metadata, and proof that it answers a split's raw inputs (the test split's, or without one
+    the validation split's) as `head` answers the same rows as the network takes them."""
+    task, raw = data.table.task, getattr(data.split, f"X_{SPLITS[split]}")
+    X = tensors(data, split, "cpu")[0]
     net_input = metadata["input"] or INPUTS["table"]  # mixed tables: the network's input inside
-    proto = data.normalizer.graph(export_onnx(head, X_test[:1], net_input, task), net_input)
+    proto = data.normalizer.graph(export_onnx(head, X[:1], net_input, task), net_input)
     onnx.helper.set_model_props(proto, encode_metadata(metadata))
 
     def feeds(rows: slice) -> dict[str, np.ndarray]:
         return data.normalizer.feeds(raw.iloc[rows] if isinstance(raw, pd.DataFrame) else raw[rows],
                                      net_input)
 
-    return proto, check_parity(proto, head, X_test.numpy(), feeds, task)
+    return proto, {"split": split, **check_parity(proto, head, X.numpy(), feeds, task)}
 
 
 def check_parity(proto: onnx.ModelProto, model: nn.Module, X: np.ndarray, feeds, task: str) -> dict:

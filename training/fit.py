@@ -64,8 +64,7 @@ def run(cfg: Config) -> Result | None:
     metrics = engine.evaluate_splits(trained.net, data)
     head = serving_model(trained.net, data.table.task, data.y_mean, data.y_scale)
     metadata = report.model_metadata(cfg, data, trained, metrics)
-    X_test = engine.tensors(data, "test", "cpu")[0]
-    proto, parity = export_model(head, data, X_test, metadata)
+    proto, parity = export_model(head, data, "test" if "test" in metrics else "validation", metadata)
     clock.lap("export")
 
     out_dir = Path(cfg.models_dir) / cfg.model_name / trained.version

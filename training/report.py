@@ -86,7 +86,8 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
     rows = [
         ("data", f"{c['source']}  ({sum(c['rows'].values())} rows, {inputs}, {c['task']}, {what})"),
         ("split", f"train {c['rows']['train']} / validation {c['rows']['validation']} / "
-                  f"test {c['rows']['test']}"),
+                  + (f"test {c['rows']['test']}" if c['rows']['test'] else
+                     "no test split (the cross-validated metric is the held-out one)")),
         ("epochs", f"{t['epochs_run']} (best {t['best_epoch']}"
                    f"{', stopped early' if t['stopped_early'] else ''})"),
         ("learning rate", f"{t['lr']:.3g}" + (f" (--lr auto: {t['lr_find']['rule']} of a range test "
@@ -116,14 +117,14 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
         rows.append(("streamed", "metrics on uniform samples of "
                      + " / ".join(map(str, streamed["metrics_on_sample_rows"].values())) + " rows"))
     extra = ["mae", "r2"] if metric == "rmse" else []
-    for split_name in ("validation", "test"):
+    for split_name in [s for s in ("validation", "test") if s in c["metrics"]]:
         m = c["metrics"][split_name]
         seen = split_name == "validation" and (t.get("refit") or t.get("cross_validation"))
         rows.append((f"{split_name} {metric}", f"{m[metric]:.4f}"
                      + "".join(f"   {k} {m[k]:.4f}" for k in extra) + f"   loss {m['loss']:.4f}"
                      + ("   (trained on)" if seen else "")))
     rows += [("onnx parity", f"max |onnx - torch| = {c['parity']['max_abs_diff']:.2e} "
-                             f"over {c['parity']['rows']} test inputs"),
+                             f"over {c['parity']['rows']} {c['parity']['split']} inputs"),
              ("model", str(model_dir)),
              ("bentoml tag", tag or "(not saved: --no-store)")]
     width = max(len(k) for k, _ in rows)

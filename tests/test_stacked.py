@@ -1,0 +1,70 @@
+"""The fold networks trained at once (training/stacked.py) train as runs of their own would."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_frame, quick_config
+from training import dataset, engine, stacked
+from training.data import to_table
+from training.distributed import World
+from training.ensemble import fold_data
+
+
+def _folds(tmp_path, n: int, k: int, **options):
+    cfg = quick_config(tmp_path, data="loans.csv", target="label", folds=k, store=False,
+                       normalizer="standard", **options)
+    table = to_table(make_frame(n), "label", None, "auto", "loans")
+    data = dataset.prepare(cfg, World(), table)
+    return cfg, fold_data(data, k, cfg.seed)
+
+
+def test_stacked_batchnorm_is_k_batchnorms():
+    torch.manual_seed(0)
+    norms = [nn.BatchNorm1d(6) for _ in range(3)]
+    for m in norms:
+        nn.init.uniform_(m.weight), nn.init.uniform_(m.bias)
+    stack = stacked.StackedBatchNorm(norms)
+    x = torch.randn(3, 20, 6) * torch.tensor([1.0, 5.0, 0.1])[:, None, None]
+    out = stack(x)
+    for i, m in enumerate(norms):
+        torch.testing.assert_close(out[i], m(x[i]))
+        torch.testing.assert_close(stack.member(i)["running_mean"], m.running_mean)
+        torch.testing.assert_close(stack.member(i)["running_var"], m.running_var)
+    stack.eval(), [m.eval() for m in norms]
+    torch.testing.assert_close(stack(x)[1], norms[1](x[1]))
+
+
+def test_each_member_trains_as_its_own_run_would(tmp_path):
+    # 400 rows: 340 training + validation rows in 5 folds of 68, so every member has 272 rows
+    # and nothing is padded: member i must end where engine.train on fold i (seed + i) ends.
+    cfg, folds = _folds(tmp_path, 400, 5, epochs=6, patience=0)
+    assert len({len(f.split.y_train) for f in folds}) == 1
+    members, seconds = stacked.train(cfg, folds, World())
+    assert seconds > 0
+    for i, (member, fold) in enumerate(zip(members, folds)):
+        alone = engine.train(dataclasses.replace(cfg, seed=cfg.seed + i), fold, World(), checkpoints=False)
+        ours, theirs = member.net.state_dict(), alone.net.state_dict()
+        for name in theirs:
+            if not name.endswith("num_batches_tracked"):
+                torch.testing.assert_close(ours[name], theirs[name], atol=2e-5, rtol=1e-4)
+        assert member.progress.best_epoch == alone.progress.best_epoch
+        np.testing.assert_allclose([h["val_loss"] for h in member.progress.history],
+                                   [h["val_loss"] for h in alone.progress.history], rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "plateau"])
+def test_each_member_keeps_its_own_best_epoch_and_stops_on_its_own(tmp_path, scheduler):
+    # 3 folds of 340 rows: 114, 113 and 113 validation rows, so members differ in size.
+    cfg, folds = _folds(tmp_path, 400, 3, epochs=40, patience=4, scheduler=scheduler)
+    members, _ = stacked.train(cfg, folds, World())
+    for member, fold in zip(members, folds):
+        p = member.progress
+        # The exported weights are the member's best epoch: they score its fold as recorded then.
+        again = engine.evaluate(member.net, *engine.tensors(fold, "validation", "cpu"), "classification")
+        assert again == pytest.approx(p.best, abs=1e-6)
+        assert len(p.history) == p.best_epoch + 4 if member.stopped_early else len(p.history) == 40
+        assert not member.net.training and next(member.net.parameters()).device.type == "cpu"
+    assert any(m.stopped_early for m in members)  # patience 4 of 40 epochs on an easy table

@@ -1,0 +1,229 @@
+"""k tabular networks of one shape trained at once (--folds): each layer's weights stacked along a
+leading member axis, so one optimizer step runs every member's batch through batched matmuls.
+
+A small network's step costs mostly Python and kernel launches, not arithmetic, so the five fold
+networks train in about the time one took (docs/quality.md). Each member keeps what a run of its
+own has: its initial weights (seed + i), its rows in its own order (its own generator), its own
+BatchNorm statistics, early stopping on its own fold and its best epoch's weights. AdamW's update
+is elementwise, so one optimizer over the stacked weights steps each member as its own optimizer
+would, and the summed loss gives each member its own gradient. What they share: the learning
+rate schedule (--scheduler plateau follows the members' mean validation metric) and the number
+of steps per epoch (a member with fewer rows than the largest repeats a few random rows of its
+own to fill the epoch). After training the members are taken apart into ordinary networks
+(training/model.py): those are what is exported.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from training import engine
+from training.batches import batch_bounds, steps_per_epoch
+from training.checkpoint import Progress
+from training.dataset import Data
+from training.model import TabularNet, build_network
+from training.schedules import LRSchedule
+
+
+class StackedLinear(nn.Module):
+    """k Linear layers: [k, rows, in] -> [k, rows, out]."""
+
+    def __init__(self, layers: list[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.weight.detach().t() for m in layers]))
+        has_bias = layers[0].bias is not None
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers])[:, None]) if has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x, self.weight) if self.bias is None else torch.baddbmm(self.bias, x, self.weight)
+
+    def member(self, i: int) -> dict[str, torch.Tensor]:
+        state = {"weight": self.weight[i].t()}
+        return state if self.bias is None else {**state, "bias": self.bias[i, 0]}
+
+
+class StackedBatchNorm(nn.Module):
+    """k BatchNorm1d layers: each member's channels normalized over that member's rows."""
+
+    def __init__(self, layers: list[nn.BatchNorm1d]):
+        super().__init__()
+        self.eps, self.momentum = layers[0].eps, layers[0].momentum
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers]))
+        self.register_buffer("running_mean", torch.stack([m.running_mean for m in layers]))
+        self.register_buffer("running_var", torch.stack([m.running_var for m in layers]))
+        self.register_buffer("num_batches_tracked", layers[0].num_batches_tracked.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, rows, width = x.shape
+        if self.training:
+            self.num_batches_tracked += 1
+        # [rows, k * width]: one BatchNorm over all members' channels; the running statistics
+        # are updated in place through the flat views.
+        flat = x.transpose(0, 1).reshape(rows, k * width)
+        out = F.batch_norm(flat, self.running_mean.view(-1), self.running_var.view(-1),
+                           self.weight.view(-1), self.bias.view(-1), self.training, self.momentum,
+                           self.eps)
+        return out.reshape(rows, k, width).transpose(0, 1)
+
+    def member(self, i: int) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight[i], "bias": self.bias[i], "running_mean": self.running_mean[i],
+                "running_var": self.running_var[i], "num_batches_tracked": self.num_batches_tracked}
+
+
+def _stacked(layers: list[nn.Module]) -> nn.Module:
+    first = layers[0]
+    if isinstance(first, nn.Linear):
+        return StackedLinear(layers)
+    if isinstance(first, nn.BatchNorm1d):
+        return StackedBatchNorm(layers)
+    return first  # ReLU, Dropout: elementwise, the same for every member
+
+
+class StackedNet(nn.Module):
+    """k TabularNets (after their normalizer) as one module: [k, rows, features] normalized
+    inputs -> [k, rows, outputs]."""
+
+    def __init__(self, nets: list[TabularNet]):
+        super().__init__()
+        self.body = nn.Sequential(*[_stacked(list(layers)) for layers in zip(*(n.body for n in nets))])
+        self.skip = StackedLinear([n.skip for n in nets]) if nets[0].skip is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) if self.skip is None else self.body(x) + self.skip(x)
+
+    def member_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Member i's weights under TabularNet's state-dict names, copied to the CPU."""
+        parts = [(f"body.{j}.", layer) for j, layer in enumerate(self.body) if hasattr(layer, "member")]
+        parts += [("skip.", self.skip)] if self.skip is not None else []
+        return {prefix + name: value.detach().cpu().clone()
+                for prefix, layer in parts for name, value in layer.member(i).items()}
+
+
+def applies(data: Data, world) -> bool:
+    """Tables in one process (images train one network at a time: a convolution's step is
+    arithmetic, which stacking does not save; under torchrun each network is its own DDP run)."""
+    return data.table.modality != "image" and world.size == 1
+
+
+def _padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[k, longest, ...]: each member's rows, zeros after its last."""
+    out = tensors[0].new_zeros((len(tensors), max(len(t) for t in tensors), *tensors[0].shape[1:]))
+    for i, t in enumerate(tensors):
+        out[i, :len(t)] = t
+    return out
+
+
+def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
+    """Train one network per fold (member i: seed cfg.seed + i, trained on fold i's training rows,
+    stopped early on its validation rows); returns the members, each as engine.train would, and
+    the training seconds of them all."""
+    k, data, device = len(folds), folds[0], world.device
+    task = data.table.task
+    n_out = len(data.table.classes) if task == "classification" else 1
+    nets = []
+    for i in range(k):
+        torch.manual_seed(cfg.seed + i)  # as engine.train seeds a member's own run
+        nets.append(build_network(cfg, "table", data.width, n_out, data.normalizer.module()))
+    generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(k)]
+    lr, sweep = cfg.lr, None
+    if lr == "auto":  # the first member's range test, on its own batches, sets every member's rate
+        X0, y0 = engine.tensors(data, "train", device)
+        sweep = engine.range_test(cfg, nets[0].to(device), engine.memory_batches(
+            X0, y0, cfg.batch_size, generators[0])[1], task, generators[0])
+        lr = sweep["suggestion"]
+
+    normalize = nets[0].normalize.to(device)  # statistics only (buffers): normalized once, here
+    with torch.no_grad():
+        train_rows = [engine.tensors(f, "train", device) for f in folds]
+        val_rows = [engine.tensors(f, "validation", device) for f in folds]
+        X_train = _padded([normalize(X) for X, _ in train_rows])
+        y_train = _padded([y for _, y in train_rows])
+        X_val = _padded([normalize(X) for X, _ in val_rows])
+    sizes = [len(y) for _, y in train_rows]
+    steps = steps_per_epoch(max(sizes), cfg.batch_size)
+
+    def batches():
+        """One epoch: each member's rows in its own random order, a few repeated where it has
+        fewer rows than the largest member."""
+        orders = []
+        for n, g in zip(sizes, generators):
+            order = torch.randperm(n, generator=g)  # as engine.train's batches draw it
+            if n < max(sizes):
+                order = torch.cat([order, torch.randperm(n, generator=g)[:max(sizes) - n]])
+            orders.append(order)
+        rows = torch.stack(orders).to(device)
+        member = torch.arange(k, device=device)[:, None]
+        X, y = X_train[member, rows], y_train[member, rows]
+        return [(X[:, a:b], y[:, a:b]) for a, b in batch_bounds(max(sizes), cfg.batch_size)]
+
+    model = StackedNet(nets).to(device)
+    optimizer = engine.make_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay,
+                                      cfg.momentum)
+    metric, higher = engine.monitor(task)
+    schedule = LRSchedule(cfg.scheduler, optimizer, lr, cfg.epochs, steps, cfg.patience, higher)
+    progress = [Progress(lr=lr, lr_sweep=sweep if i == 0 else None) for i in range(k)]
+    running = list(range(k))  # members whose patience has not run out
+    version = world.share(engine.new_version)
+    started = time.perf_counter()
+    kind = "linear models" if not cfg.hidden else "networks"
+    bar = tqdm(range(cfg.epochs), desc=f"train {cfg.model_name} ({k} {kind}, one per fold)", unit="epoch",
+               disable=not cfg.progress, file=sys.stderr)
+    for epoch in bar:
+        lr_now = optimizer.param_groups[0]["lr"]
+        train_loss = train_one_epoch(model, batches(), task, optimizer, schedule, cfg.label_smoothing)
+        with torch.no_grad():
+            out = model.eval()(X_val).float()
+        vals = [engine.metrics_of(out[i, :len(y)], y, task, data.y_mean, data.y_scale)
+                for i, (_, y) in enumerate(val_rows)]
+        schedule.after_epoch(sum(v[metric] for v in vals) / k)
+        elapsed = time.perf_counter() - started
+        for i in list(running):
+            p, val = progress[i], vals[i]
+            p.epoch, p.elapsed = epoch + 1, elapsed
+            p.history.append({"epoch": epoch + 1, "train_loss": float(train_loss[i]),
+                              "val_loss": val["loss"], f"val_{metric}": val[metric], "lr": lr_now,
+                              "seconds": round(elapsed, 4)})
+            if engine.is_better(val, p.best, task, cfg.stop_on):
+                p.best, p.best_epoch, p.best_state = val, epoch + 1, model.member_state(i)
+            if cfg.patience and epoch + 1 - p.best_epoch >= cfg.patience:
+                running.remove(i)
+        bar.set_postfix(loss=f"{float(train_loss.mean()):.4f}", lr=f"{lr_now:.2e}", running=len(running),
+                        **{f"val_{metric}": f"{sum(v[metric] for v in vals) / k:.4f}"})
+        if not running:
+            break
+    bar.close()
+    members = []
+    for i, (net, p) in enumerate(zip(nets, progress)):
+        net = net.cpu()
+        net.load_state_dict({**net.state_dict(), **p.best_state})
+        p.best_state = net.state_dict()
+        members.append(engine.Trained(net=net.eval(), version=version, progress=p,
+                                      stopped_early=i not in running, device=str(device),
+                                      resumed=False, distributed=None))
+    return members, time.perf_counter() - started
+
+
+def train_one_epoch(model: StackedNet, batches, task: str, optimizer, schedule: LRSchedule,
+                    label_smoothing: float) -> torch.Tensor:
+    """One pass over [k, rows, ...] batches; returns each member's mean training loss."""
+    model.train()
+    compute_loss = engine.loss_fn(task, label_smoothing, reduction="none")
+    device = next(model.parameters()).device
+    total, rows = None, 0
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for xb, yb in batches:
+            k, b = yb.shape
+            per_member = compute_loss(model(xb).flatten(0, 1), yb.flatten()).view(k, b).mean(dim=1)
+            optimizer.zero_grad(set_to_none=True)
+            per_member.sum().backward()  # each member's gradient is that of its own mean loss
+            optimizer.step()
+            schedule.after_batch()
+            total = per_member.detach() * b if total is None else total + per_member.detach() * b
+            rows += b
+    return total.float().cpu() / rows
