@@ -428,3 +428,20 @@ def test_more_folds_than_the_rows_allow_is_a_one_line_error(tmp_path, csv_path):
         run(quick_config(tmp_path, data=str(csv_path), target="label", folds=401, store=False))
     with pytest.raises(SystemExit):
         load_config(["--folds", "inf"])
+
+
+def test_fold_repeats_cut_the_rows_anew_and_bag_every_network(tmp_path, csv_path):
+    import numpy as np
+    from training.dataset import pooled
+    from training.ensemble import fold_data
+    result = run(quick_config(tmp_path, data=str(csv_path), target="label", folds=3, fold_repeats=2,
+                              epochs=4, linear_candidate=False, normalizer="standard", store=False))
+    assert len(result.card["training"]["members"]) == len(result.trained.net.members) == 6
+    folds = fold_data(result.data, 3, 0, repeats=2)
+    every_row = np.unique(pooled(result.data.split).X_train, axis=0)
+    for r in (0, 1):  # each repeat's folds hold every row once
+        held = np.concatenate([f.split.X_val for f in folds[r * 3:r * 3 + 3]])
+        assert len(held) == 400 and np.array_equal(np.unique(held, axis=0), every_row)
+    assert not np.array_equal(folds[0].split.X_val, folds[3].split.X_val)  # cut anew
+    with pytest.raises(ConfigError, match="--fold-repeats must be at least 1"):
+        quick_config(tmp_path, fold_repeats=0)

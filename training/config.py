@@ -93,6 +93,8 @@ class Config:
                                     "validation split; auto = 5 for in-memory tables of up to "
                                     f"{AUTO_FOLDS_MAX_ROWS:,} rows without "
                                     "--ensemble, --refit or --resume, 1 otherwise")
+    fold_repeats: int = _opt(1, "with --folds: cut the rows into k folds this many times, each "
+                                "time shuffled anew, and average all the k x repeats networks")
     linear_candidate: bool = _opt(True, "with --folds, on up to "
                                         f"{LINEAR_CANDIDATE_MAX_ROWS:,} training + validation rows: "
                                         "also bag a linear model (--hidden '') over the same folds "
@@ -135,6 +137,7 @@ class Config:
                             (self.lr == "auto" or self.lr > 0, "--lr must be positive, or auto"),
                             (self.patience >= 0, "--patience must be >= 0"),
                             (self.ensemble >= 1, "--ensemble must be at least 1"),
+                            (self.fold_repeats >= 1, "--fold-repeats must be at least 1"),
                             (self.folds == "auto" or self.folds >= 1, "--folds must be at least 1, or auto"),
                             (self.folds in ("auto", 1) or not self.excludes_folds,
                              "--folds trains in-memory runs, without --ensemble, --refit or --resume"),
@@ -189,7 +192,7 @@ RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric
                 "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
                 "hidden", "linear_skip", "channels", "augment", "dropout", "optimizer", "lr",
                 "momentum", "weight_decay", "scheduler", "epochs", "batch_size", "stop_on",
-                "label_smoothing", "ensemble", "refit", "folds", "linear_candidate", "stream",
+                "label_smoothing", "ensemble", "refit", "folds", "fold_repeats", "linear_candidate", "stream",
                 "chunk_rows", "shuffle_rows")
 
 

@@ -47,8 +47,9 @@ class Ensemble(nn.Module):
         return torch.stack([m.from_normalized(x) for m in self.members]).mean(dim=0)
 
 
-def fold_data(data: Data, k: int, seed: int) -> list[Data]:
-    """k copies of the data: in copy i the validation rows are fold i of the pooled training and
+def fold_data(data: Data, k: int, seed: int, repeats: int = 1) -> list[Data]:
+    """k copies of the data (k x repeats: the rows cut into k folds `repeats` times, each time
+    shuffled anew): in copy i the validation rows are fold i of the pooled training and
     validation rows, the training rows the other folds; the test rows stay as they are."""
     from sklearn.model_selection import KFold, StratifiedKFold
     rows = pooled(data.split)
@@ -57,11 +58,12 @@ def fold_data(data: Data, k: int, seed: int) -> list[Data]:
         raise DataError(f"--folds {k}: {len(y)} training + validation rows cannot make {k} folds "
                         f"that each leave {MIN_TRAIN_ROWS} rows to train on; use fewer folds")
     stratify = rows.stratified and np.bincount(y).min() >= k
-    folds = (StratifiedKFold if stratify else KFold)(k, shuffle=True, random_state=seed)
     take = (lambda idx: X.iloc[idx].reset_index(drop=True)) if isinstance(X, pd.DataFrame) \
         else (lambda idx: X[idx])
     copies = []
-    for train, val in folds.split(np.zeros(len(y)), y if stratify else None):
+    cuts = [(StratifiedKFold if stratify else KFold)(k, shuffle=True, random_state=seed + r)
+            .split(np.zeros(len(y)), y if stratify else None) for r in range(repeats)]
+    for train, val in (fold for cut in cuts for fold in cut):
         split = Split(X_train=take(train), y_train=y[train], X_val=take(val), y_val=y[val],
                       X_test=data.split.X_test, y_test=data.split.y_test, stratified=bool(stratify))
         copies.append(dataclasses.replace(data, split=split))
@@ -99,9 +101,9 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     """k networks bagged over the folds; with --linear-candidate on a small enough table, also k
     linear models over the same folds, averaged in with the networks if that cross-validates
     better (each fold's network and linear model judged together on that fold)."""
-    folds = fold_data(data, data.folds, cfg.seed)
+    folds = fold_data(data, data.folds, cfg.seed, cfg.fold_repeats)
     bagged = _bag(cfg, folds, world)
-    pooled_rows = sum(len(f.split.y_val) for f in folds)
+    pooled_rows = data.rows["train"] + data.rows["validation"]
     if not (cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS
             and data.table.modality != "image"):
         return bagged
