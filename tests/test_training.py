@@ -364,6 +364,9 @@ def test_folds_bag_networks_each_stopped_early_on_its_own_fold(tmp_path, csv_pat
     np.testing.assert_allclose(session.run(["probabilities"], {"features": X})[0],
                                torch.softmax(mean_logits, -1).numpy(), atol=1e-5)
     assert cv["metrics"]["accuracy"] > 0.85 and result.card["parity"]["split"] == "validation"
+    from training.report import summary
+    result.card["timings"] = {}
+    assert "3 folds of 400 rows / no test split" in summary(result.card, result.model_dir, None)
     ops = [n.op_type for n in onnx.load(str(result.model_dir / "model.onnx")).graph.node]
     assert ops.count("Sub") == ops.count("Div") == 1  # the inputs normalized once, not per network
 

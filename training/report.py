@@ -76,6 +76,15 @@ def plots(data, trained) -> dict:
     return drawn
 
 
+def split_line(rows: dict, cross_validation: dict | None) -> str:
+    """How the rows were used: a train/validation/test split, or folds (and a test split or none)."""
+    test = f"test {rows['test']}" if rows["test"] else "no test split (the cross-validated metric is held out)"
+    if cross_validation:
+        pooled = rows["train"] + rows["validation"]
+        return f"{cross_validation['folds']} folds of {pooled} rows / {test}"
+    return f"train {rows['train']} / validation {rows['validation']} / {test}"
+
+
 def summary(card: dict, model_dir, tag: str | None) -> str:
     """The table printed at the end of a run."""
     c, t = card, card["training"]
@@ -85,9 +94,7 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
               if c["image"] else f"{len(c['feature_names'])} features")
     rows = [
         ("data", f"{c['source']}  ({sum(c['rows'].values())} rows, {inputs}, {c['task']}, {what})"),
-        ("split", f"train {c['rows']['train']} / validation {c['rows']['validation']} / "
-                  + (f"test {c['rows']['test']}" if c['rows']['test'] else
-                     "no test split (the cross-validated metric is the held-out one)")),
+        ("split", split_line(c["rows"], t.get("cross_validation"))),
         ("epochs", f"{t['epochs_run']} (best {t['best_epoch']}"
                    f"{', stopped early' if t['stopped_early'] else ''})"),
         ("learning rate", f"{t['lr']:.3g}" + (f" (--lr auto: {t['lr_find']['rule']} of a range test "
@@ -101,8 +108,7 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
         rows.append(("networks", f"{len(members)} averaged (best epochs "
                      + ", ".join(str(m["best_epoch"]) for m in members) + ")"
                      + (", refitted on training + validation rows" if t.get("refit") else "")
-                     + (f", one per fold of the {c['rows']['train'] + c['rows']['validation']} training "
-                        "and validation rows" if t.get("cross_validation") else "")))
+                     + (", one per fold" if t.get("cross_validation") else "")))
     if cv := t.get("cross_validation"):
         m = cv["metrics"]
         rows.append((f"cross-val. {metric}", f"{m[metric]:.4f}   loss {m['loss']:.4f}   (each network "
