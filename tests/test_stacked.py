@@ -38,8 +38,8 @@ def test_stacked_batchnorm_is_k_batchnorms():
 
 
 def test_each_member_trains_as_its_own_run_would(tmp_path):
-    # 400 rows: 340 training + validation rows in 5 folds of 68, so every member has 272 rows
-    # and nothing is padded: member i must end where engine.train on fold i (seed + i) ends.
+    # 400 rows, no test split: 5 folds of 80, so every member has 320 rows and nothing is
+    # padded: member i must end where engine.train on fold i (seed + i) ends.
     cfg, folds = _folds(tmp_path, 400, 5, epochs=6, patience=0)
     assert len({len(f.split.y_train) for f in folds}) == 1
     members, seconds = stacked.train(cfg, folds, World())
@@ -57,7 +57,7 @@ def test_each_member_trains_as_its_own_run_would(tmp_path):
 
 @pytest.mark.parametrize("scheduler", ["onecycle", "plateau"])
 def test_each_member_keeps_its_own_best_epoch_and_stops_on_its_own(tmp_path, scheduler):
-    # 3 folds of 340 rows: 114, 113 and 113 validation rows, so members differ in size.
+    # 3 folds of 400 rows: 134, 133 and 133 validation rows, so members differ in size.
     cfg, folds = _folds(tmp_path, 400, 3, epochs=40, patience=4, scheduler=scheduler)
     members, _ = stacked.train(cfg, folds, World())
     for member, fold in zip(members, folds):
@@ -68,3 +68,12 @@ def test_each_member_keeps_its_own_best_epoch_and_stops_on_its_own(tmp_path, sch
         assert len(p.history) == p.best_epoch + 4 if member.stopped_early else len(p.history) == 40
         assert not member.net.training and next(member.net.parameters()).device.type == "cpu"
     assert any(m.stopped_early for m in members)  # patience 4 of 40 epochs on an easy table
+
+
+def test_lr_auto_sweeps_a_copy_of_the_first_member_and_sets_every_members_rate(tmp_path):
+    cfg, folds = _folds(tmp_path, 400, 3, epochs=2, patience=0, lr="auto")
+    members, _ = stacked.train(cfg, folds, World())
+    sweep = members[0].progress.lr_sweep
+    assert sweep and sweep["lrs"][0] < sweep["suggestion"] < sweep["lrs"][-1]
+    assert all(m.progress.lr == sweep["suggestion"] for m in members)
+    assert all(m.progress.lr_sweep is None for m in members[1:])

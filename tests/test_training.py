@@ -440,6 +440,12 @@ def test_fold_repeats_cut_the_rows_anew_and_bag_every_network(tmp_path, csv_path
     result = run(quick_config(tmp_path, data=str(csv_path), target="label", folds=3, fold_repeats=2,
                               epochs=4, linear_candidate=False, normalizer="standard", store=False))
     assert len(result.card["training"]["members"]) == len(result.trained.net.members) == 6
+    cv = result.card["training"]["cross_validation"]
+    assert (cv["folds"], cv["repeats"]) == (3, 2) and result.card["metrics"]["cross_validation"] == cv["metrics"]
+    assert [(m["repeat"], m["fold"]) for m in result.card["training"]["members"]][2:4] == [(1, 3), (2, 1)]
+    from training.report import split_line
+    assert split_line(result.card["rows"], cv).startswith("3 folds x 2 of 400 rows / no test split")
+    assert split_line({"train": 300, "validation": 100, "test": 0}, None) == "train 300 / validation 100 / no test split"
     folds = fold_data(result.data, 3, 0, repeats=2)
     every_row = np.unique(pooled(result.data.split).X_train, axis=0)
     for r in (0, 1):  # each repeat's folds hold every row once

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from training.config import RUN_DEFINING, ConfigError
+from training.config import RUN_DEFINING, TEST_SIZE, ConfigError
 
 
 @dataclass
@@ -84,6 +84,8 @@ def resume(cfg, world_size: int) -> Checkpoint:
     # A checkpoint written before an option existed was made with that option's default.
     defaults = {f.name: f.default for f in fields(cfg)}
     saved, now = {**defaults, **state.config}, cfg.to_dict()
+    for config in (saved, now):  # a checkpointed run is one network: auto is TEST_SIZE there
+        config["test_size"] = TEST_SIZE if config["test_size"] == "auto" else config["test_size"]
     if changed := [k for k in RUN_DEFINING if saved.get(k) != now.get(k)]:
         diffs = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
         raise ConfigError(f"--resume: checkpoint {path} was made with a different config: {diffs}")

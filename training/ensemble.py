@@ -16,6 +16,7 @@ one module, so the exported graph is one graph; the test split is held out from 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -23,11 +24,11 @@ import torch
 from torch import nn
 
 from training import engine, stacked
-from training.config import LINEAR_CANDIDATE_MAX_ROWS
+from training.config import AUTO_FOLDS_MAX_ROWS, LINEAR_CANDIDATE_MAX_ROWS
 from training.data import Split
 from training.dataset import Data, pooled
 from training.distributed import World
-from training.rules import MIN_TRAIN_ROWS, DataError
+from training.rules import MIN_TRAIN_ROWS, DataError, DataNote
 
 
 class Ensemble(nn.Module):
@@ -73,6 +74,10 @@ def fold_data(data: Data, k: int, seed: int, repeats: int = 1) -> list[Data]:
 def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Trained | None:
     if data.folds > 1:
         return _folds(cfg, data, world)
+    if cfg.fold_repeats > 1:
+        warnings.warn(f"--fold-repeats {cfg.fold_repeats} is for --folds: this run trains without "
+                      f"folds (images, --stream, a table of over {AUTO_FOLDS_MAX_ROWS:,} rows, or "
+                      "--folds 1)", DataNote)
     if cfg.ensemble == 1 and not cfg.refit:
         return engine.train(cfg, data, world, checkpoints)
     members, lr, seconds = [], cfg.lr, 0.0
@@ -113,7 +118,7 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     task = data.table.task
     both = cross_validation([{"validation_rows": len(f.split.y_val), "validation": engine.evaluate(
         Ensemble([n, m]), *engine.tensors(f, "validation", "cpu"), task, f.y_mean, f.y_scale)}
-        for n, m, f in zip(bagged.net.members, linear.net.members, folds)])
+        for n, m, f in zip(bagged.net.members, linear.net.members, folds)], cfg.fold_repeats)
     blend = engine.is_better(both["metrics"], bagged.cross_validation["metrics"], task)
     candidates = {"network": bagged.cross_validation["metrics"], "network + linear": both["metrics"]}
     bagged.progress.elapsed += linear.progress.elapsed
@@ -133,10 +138,12 @@ def _bag(cfg, folds: list[Data], world: World) -> engine.Trained | None:
         members, seconds = _one_by_one(cfg, folds, world)
     if not world.main:
         return None
-    described = [{"fold": i + 1, "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
+    k, repeats = len(folds) // cfg.fold_repeats, cfg.fold_repeats
+    described = [{"fold": i % k + 1, **({"repeat": i // k + 1} if repeats > 1 else {}),
+                  "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
                   "validation": m.progress.best} for i, (m, fold) in enumerate(zip(members, folds))]
     combined = _combined(members, seconds, described, refit=False)
-    combined.cross_validation = cross_validation(described)
+    combined.cross_validation = cross_validation(described, repeats)
     return combined
 
 
@@ -153,15 +160,15 @@ def _one_by_one(cfg, folds: list[Data], world: World) -> tuple[list, float]:
     return members, seconds
 
 
-def cross_validation(members: list[dict]) -> dict:
+def cross_validation(members: list[dict], repeats: int = 1) -> dict:
     """Each network's best validation metrics on its own fold (rows it never trained on),
-    averaged weighted by fold size: the bag's held-out estimate. `members`: per fold,
-    {"validation_rows": n, "validation": metrics on that fold}."""
+    averaged weighted by fold size: the bag's held-out estimate. `members`: per fold (of every
+    repeat), {"validation_rows": n, "validation": metrics on that fold}."""
     rows = sum(m["validation_rows"] for m in members)
-    return {"folds": len(members),
+    return {"folds": len(members) // repeats, "repeats": repeats,
             "note": "each network is stopped early on its own fold (the normalizer was fitted on "
                     "every fold's rows); the validation split's metrics are not held out (every "
-                    "row trained all but one network)",
+                    "row trained all networks but those whose fold it is in)",
             "metrics": {k: sum(m["validation"][k] * m["validation_rows"] for m in members) / rows
                         for k in members[0]["validation"]}}
 

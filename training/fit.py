@@ -62,6 +62,8 @@ def run(cfg: Config) -> Result | None:
         return None
 
     metrics = engine.evaluate_splits(trained.net, data)
+    if trained.cross_validation:  # the bag's held-out estimate, beside the splits' (trained-on) ones
+        metrics["cross_validation"] = trained.cross_validation["metrics"]
     head = serving_model(trained.net, data.table.task, data.y_mean, data.y_scale)
     metadata = report.model_metadata(cfg, data, trained, metrics)
     proto, parity = export_model(head, data, "test" if "test" in metrics else "validation", metadata)

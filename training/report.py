@@ -78,10 +78,12 @@ def plots(data, trained) -> dict:
 
 def split_line(rows: dict, cross_validation: dict | None) -> str:
     """How the rows were used: a train/validation/test split, or folds (and a test split or none)."""
-    test = f"test {rows['test']}" if rows["test"] else "no test split (the cross-validated metric is held out)"
+    test = f"test {rows['test']}" if rows["test"] else "no test split"
     if cross_validation:
-        pooled = rows["train"] + rows["validation"]
-        return f"{cross_validation['folds']} folds of {pooled} rows / {test}"
+        held = "" if rows["test"] else " (the cross-validated metric is held out)"
+        repeats = f" x {cross_validation['repeats']}" if cross_validation.get("repeats", 1) > 1 else ""
+        return (f"{cross_validation['folds']} folds{repeats} of {rows['train'] + rows['validation']} "
+                f"rows / {test}{held}")
     return f"train {rows['train']} / validation {rows['validation']} / {test}"
 
 

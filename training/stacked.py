@@ -7,13 +7,14 @@ own has: its initial weights (seed + i), its rows in its own order (its own gene
 BatchNorm statistics, early stopping on its own fold and its best epoch's weights. AdamW's update
 is elementwise, so one optimizer over the stacked weights steps each member as its own optimizer
 would, and the summed loss gives each member its own gradient. What they share: the learning
-rate schedule (--scheduler plateau follows the members' mean validation metric) and the number
+rate schedule (--scheduler plateau follows the running members' mean validation metric) and the number
 of steps per epoch (a member with fewer rows than the largest repeats a few random rows of its
 own to fill the epoch). After training the members are taken apart into ordinary networks
 (training/model.py): those are what is exported.
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 
@@ -134,7 +135,8 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
     lr, sweep = cfg.lr, None
     if lr == "auto":  # the first member's range test, on its own batches, sets every member's rate
         X0, y0 = engine.tensors(data, "train", device)
-        sweep = engine.range_test(cfg, nets[0].to(device), engine.memory_batches(
+        probe = copy.deepcopy(nets[0]).to(device)  # the members stay together until stacked
+        sweep = engine.range_test(cfg, probe, engine.memory_batches(
             X0, y0, cfg.batch_size, generators[0])[1], task, generators[0])
         lr = sweep["suggestion"]
 
@@ -159,8 +161,8 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
             orders.append(order)
         rows = torch.stack(orders).to(device)
         member = torch.arange(k, device=device)[:, None]
-        X, y = X_train[member, rows], y_train[member, rows]
-        return [(X[:, a:b], y[:, a:b]) for a, b in batch_bounds(max(sizes), cfg.batch_size)]
+        for a, b in batch_bounds(max(sizes), cfg.batch_size):  # gathered batch by batch
+            yield X_train[member, rows[:, a:b]], y_train[member, rows[:, a:b]]
 
     model = StackedNet(nets).to(device)
     optimizer = engine.make_optimizer(model.parameters(), cfg.optimizer, lr, cfg.weight_decay,
@@ -177,11 +179,10 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
     for epoch in bar:
         lr_now = optimizer.param_groups[0]["lr"]
         train_loss = train_one_epoch(model, batches(), task, optimizer, schedule, cfg.label_smoothing)
-        with torch.no_grad():
-            out = model.eval()(X_val).float()
+        out = predict(model, X_val)
         vals = [engine.metrics_of(out[i, :len(y)], y, task, data.y_mean, data.y_scale)
                 for i, (_, y) in enumerate(val_rows)]
-        schedule.after_epoch(sum(v[metric] for v in vals) / k)
+        schedule.after_epoch(sum(vals[i][metric] for i in running) / len(running))
         elapsed = time.perf_counter() - started
         for i in list(running):
             p, val = progress[i], vals[i]
@@ -207,6 +208,13 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
                                       stopped_early=i not in running, device=str(device),
                                       resumed=False, distributed=None))
     return members, time.perf_counter() - started
+
+
+@torch.no_grad()
+def predict(model: StackedNet, X: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """Eval-mode outputs [k, rows, outputs] in float32, a slice of rows at a time."""
+    model.eval()
+    return torch.cat([model(X[:, i:i + rows]).float() for i in range(0, X.shape[1], rows)], dim=1)
 
 
 def train_one_epoch(model: StackedNet, batches, task: str, optimizer, schedule: LRSchedule,
