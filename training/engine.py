@@ -212,17 +212,13 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True,
         # Rank 0 evaluates and every rank follows its verdict, so all stop at the same epoch.
         val = world.share(lambda: evaluate(net, X_val, y_val, task, data.y_mean, data.y_scale))
         schedule.after_epoch(val[metric])
-        progress.epoch, progress.elapsed = epoch + 1, elapsed_before + time.perf_counter() - started
-        progress.history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-                                 f"val_{metric}": val[metric], "lr": lr,
-                                 "seconds": round(progress.elapsed, 4)})
-        if is_better(val, progress.best, task, cfg.stop_on) or epoch + 1 == epochs:
-            progress.best, progress.best_epoch = val, epoch + 1
-            progress.best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        out_of_patience = record_epoch(
+            progress, cfg, task, train_loss, val, lr, elapsed_before + time.perf_counter() - started,
+            lambda: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+            keep=epoch + 1 == epochs)
         bar.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{metric}": f"{val[metric]:.4f}"},
                         lr=f"{lr:.2e}")
-        stopped_early = bool(cfg.patience and not epochs
-                             and epoch + 1 - progress.best_epoch >= cfg.patience)
+        stopped_early = out_of_patience and not epochs
         if path:
             Checkpoint.capture(cfg, world.size, version, progress, net, optimizer, schedule,
                                generator).save(path)
@@ -236,6 +232,19 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True,
     return Trained(net=best.eval(), version=version, progress=progress, stopped_early=stopped_early,
                    device=str(device), resumed=state is not None,
                    distributed=world.describe(batch_size))
+
+
+def record_epoch(progress: Progress, cfg, task: str, train_loss: float, val: dict, lr: float,
+                 elapsed: float, state, keep: bool = False) -> bool:
+    """One more epoch in `progress`: its history row, and its weights (`state()`) kept if it is the
+    best so far, or if `keep`. Returns whether the patience has run out."""
+    metric, epoch = monitor(task)[0], progress.epoch + 1
+    progress.epoch, progress.elapsed = epoch, elapsed
+    progress.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+                             f"val_{metric}": val[metric], "lr": lr, "seconds": round(elapsed, 4)})
+    if is_better(val, progress.best, task, cfg.stop_on) or keep:
+        progress.best, progress.best_epoch, progress.best_state = val, epoch, state()
+    return bool(cfg.patience and epoch - progress.best_epoch >= cfg.patience)
 
 
 def range_test(cfg, net: nn.Module, batches, task: str, generator: torch.Generator) -> dict:

@@ -185,14 +185,8 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
         schedule.after_epoch(sum(vals[i][metric] for i in running) / len(running))
         elapsed = time.perf_counter() - started
         for i in list(running):
-            p, val = progress[i], vals[i]
-            p.epoch, p.elapsed = epoch + 1, elapsed
-            p.history.append({"epoch": epoch + 1, "train_loss": float(train_loss[i]),
-                              "val_loss": val["loss"], f"val_{metric}": val[metric], "lr": lr_now,
-                              "seconds": round(elapsed, 4)})
-            if engine.is_better(val, p.best, task, cfg.stop_on):
-                p.best, p.best_epoch, p.best_state = val, epoch + 1, model.member_state(i)
-            if cfg.patience and epoch + 1 - p.best_epoch >= cfg.patience:
+            if engine.record_epoch(progress[i], cfg, task, float(train_loss[i]), vals[i], lr_now,
+                                   elapsed, lambda: model.member_state(i)):
                 running.remove(i)
         bar.set_postfix(loss=f"{float(train_loss.mean()):.4f}", lr=f"{lr_now:.2e}", running=len(running),
                         **{f"val_{metric}": f"{sum(v[metric] for v in vals) / k:.4f}"})
