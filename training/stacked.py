@@ -174,8 +174,8 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
     version = world.share(engine.new_version)
     started = time.perf_counter()
     kind = "linear models" if not cfg.hidden else "networks"
-    bar = tqdm(range(cfg.epochs), desc=f"train {cfg.model_name} ({k} {kind}, one per fold)", unit="epoch",
-               disable=not cfg.progress, file=sys.stderr)
+    bar = tqdm(range(cfg.epochs), desc=f"train {cfg.model_name} ({k} {kind}, one per fold)",
+               unit="epoch", disable=not cfg.progress, file=sys.stderr)
     for epoch in bar:
         lr_now = optimizer.param_groups[0]["lr"]
         train_loss = train_one_epoch(model, batches(), task, optimizer, schedule, cfg.label_smoothing)
@@ -188,8 +188,8 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
             if engine.record_epoch(progress[i], cfg, task, float(train_loss[i]), vals[i], lr_now,
                                    elapsed, lambda: model.member_state(i)):
                 running.remove(i)
-        bar.set_postfix(loss=f"{float(train_loss.mean()):.4f}", lr=f"{lr_now:.2e}", running=len(running),
-                        **{f"val_{metric}": f"{sum(v[metric] for v in vals) / k:.4f}"})
+        bar.set_postfix(loss=f"{float(train_loss.mean()):.4f}", lr=f"{lr_now:.2e}",
+                        running=len(running), **{f"val_{metric}": f"{sum(v[metric] for v in vals) / k:.4f}"})
         if not running:
             break
     bar.close()
