@@ -192,8 +192,8 @@ RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric
                 "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
                 "hidden", "linear_skip", "channels", "augment", "dropout", "optimizer", "lr",
                 "momentum", "weight_decay", "scheduler", "epochs", "batch_size", "stop_on",
-                "label_smoothing", "ensemble", "refit", "folds", "fold_repeats", "linear_candidate", "stream",
-                "chunk_rows", "shuffle_rows")
+                "label_smoothing", "ensemble", "refit", "folds", "fold_repeats", "linear_candidate",
+                "stream", "chunk_rows", "shuffle_rows")
 
 
 def _list_of(kind):

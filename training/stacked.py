@@ -132,18 +132,17 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
         torch.manual_seed(cfg.seed + i)  # as engine.train seeds a member's own run
         nets.append(build_network(cfg, "table", data.width, n_out, data.normalizer.module()))
     generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(k)]
+    train_rows = [engine.tensors(f, "train", device) for f in folds]
+    val_rows = [engine.tensors(f, "validation", device) for f in folds]
     lr, sweep = cfg.lr, None
     if lr == "auto":  # the first member's range test, on its own batches, sets every member's rate
-        X0, y0 = engine.tensors(data, "train", device)
         probe = copy.deepcopy(nets[0]).to(device)  # the members stay together until stacked
         sweep = engine.range_test(cfg, probe, engine.memory_batches(
-            X0, y0, cfg.batch_size, generators[0])[1], task, generators[0])
+            *train_rows[0], cfg.batch_size, generators[0])[1], task, generators[0])
         lr = sweep["suggestion"]
 
     normalize = nets[0].normalize.to(device)  # statistics only (buffers): normalized once, here
     with torch.no_grad():
-        train_rows = [engine.tensors(f, "train", device) for f in folds]
-        val_rows = [engine.tensors(f, "validation", device) for f in folds]
         X_train = _padded([normalize(X) for X, _ in train_rows])
         y_train = _padded([y for _, y in train_rows])
         X_val = _padded([normalize(X) for X, _ in val_rows])

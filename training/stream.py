@@ -51,7 +51,7 @@ def labelled_chunks(reader: ChunkReader, cfg, features: list[str], order_seed=No
     for start, frame in reader.chunks(features + [cfg.target], order_seed):
         keep = frame[cfg.target].notna().to_numpy()
         positions = start + np.flatnonzero(keep)
-        yield (positions, frame[keep], split_of(positions, cfg.seed, cfg.val_size, cfg.test_share(1)),
+        yield (positions, frame[keep], split_of(positions, cfg.seed, cfg.val_size, cfg.test_share(folds=1)),
                int((~keep).sum()))
 
 
@@ -142,8 +142,9 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
 
     n = int(counts.sum())
     check_rows(cfg.data, n + dropped, n, cfg.target)
-    if counts[TRAIN] < MIN_TRAIN_ROWS or counts[VALIDATION] == 0 or (counts[TEST] == 0 < cfg.test_share(1)):
-        raise too_few_to_split(n, cfg.val_size, cfg.test_share(1))
+    test_share = cfg.test_share(folds=1)  # a streamed run is one network
+    if counts[TRAIN] < MIN_TRAIN_ROWS or counts[VALIDATION] == 0 or (counts[TEST] == 0 < test_share):
+        raise too_few_to_split(n, cfg.val_size, test_share)
     task, classes = target.settle(cfg.task)
     arrays = [sample.arrays() for sample in samples]
     (X_train, y_train), (X_val, y_val), (X_test, y_test) = arrays
