@@ -44,8 +44,10 @@ MAX_BODY_MB = float(os.environ.get("MAX_BODY_MB", "64"))
 WORKERS = int(os.environ.get("WORKERS", "1"))
 TRACING = os.environ.get("TRACING") == "1"  # OpenTelemetry spans (off: BentoML records them unexported)
 PREDICT_ROUTE, UPLOAD_ROUTE, UPLOAD_FIELD = "/predict", "/predict_image", "image"
+TIMEOUT_S = 30  # a request not answered by then gets a 504
 
-bentoml_patches.apply(routes=(PREDICT_ROUTE, UPLOAD_ROUTE, "/metadata", "/drift"), tracing=TRACING)
+bentoml_patches.apply(routes=(PREDICT_ROUTE, UPLOAD_ROUTE, "/metadata", "/drift"), tracing=TRACING,
+                      front=(BodyLimit, FastPredict, OpenInference))
 MODEL_TAG = resolve_model_tag()
 # BentoML sets no thread limits: workers each using every core would fight each other. Count the
 # cores this process may run on (taskset, cgroups), not the machine's.
@@ -75,7 +77,7 @@ async def drift_route(request: Request) -> Response:
                                     Route("/drift", drift_route, methods=["GET"])]), path="/")
 @bentoml.service(
     name="normserve", workers=WORKERS, labels={"pipeline": PIPELINE_LABEL},
-    traffic={"timeout": 30},
+    traffic={"timeout": TIMEOUT_S},
     # One log line per request costs more than scoring a row; errors are still logged.
     logging={"access": {"enabled": os.environ.get("ACCESS_LOG") == "1"}},
     # Spans are recorded even with no exporter configured; TRACING=1 keeps them.
@@ -129,5 +131,6 @@ class Predictor:
 Predictor.add_asgi_middleware(BodyLimit, max_bytes=int(MAX_BODY_MB * 2 ** 20))
 Predictor.add_asgi_middleware(UploadGuard, route=UPLOAD_ROUTE, field=UPLOAD_FIELD)
 Predictor.add_asgi_middleware(FastPredict, route=PREDICT_ROUTE, json=SCORER.answer_json,
-                              npy=SCORER.answer_npy)
-Predictor.add_asgi_middleware(OpenInference, protocol=Protocol(SCORER, version("normserve")))
+                              npy=SCORER.answer_npy, timeout=TIMEOUT_S)
+Predictor.add_asgi_middleware(OpenInference, protocol=Protocol(SCORER, version("normserve")),
+                              timeout=TIMEOUT_S)

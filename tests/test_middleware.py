@@ -93,3 +93,28 @@ def test_a_response_under_way_is_not_cut_off_and_errors_are_not_waited_for(deadl
     for error in (ValueError("boom"), TimeoutError("the app's own")):
         with pytest.raises(type(error), match=str(error)):
             asyncio.run(call(deadline_middleware(slow_app(0, error=error), timeout=30), []))
+
+
+# ---- the fast path's own deadline: it answers before BentoML's timeout middleware ------------
+
+def fast_predict(timeout: float):
+    from service.middleware import FastPredict
+    return FastPredict(inner_app, route="/predict", json=lambda body: (200, body.upper()),
+                       npy=lambda body: (200, b"npy"), timeout=timeout)
+
+
+def test_the_fast_path_answers_a_body_in_one_message_or_in_chunks():
+    one = [{"type": "http.request", "body": b'"ab"', "more_body": False}]
+    chunks = [{"type": "http.request", "body": b'"a', "more_body": True},
+              {"type": "http.request", "body": b'b"', "more_body": False}]
+    for messages in (one, chunks):
+        assert asyncio.run(call(fast_predict(timeout=1), messages,
+                                headers=[(b"content-type", b"application/json")])) == (200, b'"AB"')
+
+
+def test_a_body_that_stops_arriving_gets_504_at_the_deadline():
+    started = time.perf_counter()
+    stalled = [{"type": "http.request", "body": b'{"inst', "more_body": True}]  # then nothing
+    status, body = asyncio.run(call(fast_predict(timeout=0.2), stalled))
+    assert status == 504 and "0.2 s" in json.loads(body)["error"]
+    assert time.perf_counter() - started < 1.5

@@ -296,14 +296,32 @@ def test_bad_npy_gets_a_4xx(server, payload, message):
 
 
 def test_metrics_count_predictions(server):
-    def count():
+    """BentoML's request metrics, as the service records them for its fast routes: the count and
+    duration per status code, the requests in progress, the time of the last request."""
+    def series() -> dict[str, float]:
         text = request(server + "/metrics")[1]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("bentoml_service_request_total") and 'endpoint="/predict"' in line)
-    before = count()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("bentoml_service_") and ('endpoint="/predict"' in line
+                                                            or "last_request" in line)}
+
+    def total(found: dict, name: str, code: str | None = None) -> float:
+        return sum(v for k, v in found.items() if k.startswith(name + "{")
+                   and (code is None or f'http_response_code="{code}"' in k))
+
+    before, started = series(), time.time()
     for _ in range(5):
         request(server + "/predict", {"instances": [GOOD]})
-    assert count() - before == 5
+    assert request(server + "/predict", {"instances": 3})[0] == 400
+    after = series()
+    for code, n in (("200", 5), ("400", 1)):
+        assert total(after, "bentoml_service_request_total", code) - \
+            total(before, "bentoml_service_request_total", code) == n
+        assert total(after, "bentoml_service_request_duration_seconds_count", code) - \
+            total(before, "bentoml_service_request_duration_seconds_count", code) == n
+    assert total(after, "bentoml_service_request_duration_seconds_sum", "200") > \
+        total(before, "bentoml_service_request_duration_seconds_sum", "200")
+    assert total(after, "bentoml_service_request_in_progress") == 0
+    assert max(v for k, v in after.items() if "last_request" in k) >= started - 1
 
 
 def raw_post(url: str, body, content_type: str, chunked: bool = False) -> tuple[int, bytes]:
