@@ -39,8 +39,9 @@ def apply(routes: tuple[str, ...] = (), tracing: bool = False, front: tuple[type
     if not serving_worker():
         return  # `bentoml serve`'s own process, `bentoml build`: they answer no request
     cancel_request_timers()
-    bounded_endpoint_labels(frozenset(routes) | BENTOML_ROUTES)
-    lean_request_metrics(frozenset(routes) | BENTOML_ROUTES)
+    served = frozenset(routes) | BENTOML_ROUTES
+    bounded_endpoint_labels(served)
+    lean_request_metrics(served)
     arranged_middlewares(front, tracing)
 
 
@@ -99,8 +100,8 @@ def lean_request_metrics(routes: frozenset) -> None:
     """BentoML's request metrics for an HTTP request, the same series and values, without its
     per-request overhead: each endpoint's labelled children are looked up once (BentoML builds four
     label sets per request), no wrapper around `receive` (it only counts WebSocket messages), no
-    tuple of skipped paths built per request. It took 70 of the 433 µs of a single-row request in the
-    app, 50 after this (docs/benchmarks.md). WebSockets and /metrics take BentoML's own path."""
+    tuple of skipped paths built per request. It took 78 of the 472 µs of a single-row request in the
+    app, 52 after this (medians, docs/benchmarks.md). WebSockets and /metrics take BentoML's own path."""
     from timeit import default_timer
 
     from bentoml._internal.context import server_context
@@ -169,7 +170,7 @@ def arranged_middlewares(front: tuple[type, ...], tracing: bool) -> None:
     - the service's middlewares of the classes in `front` go before BentoML's timeout middleware
       (still inside its metrics and tracing): they answer without awaiting anything once the body
       is in, and read the body under their own deadline, so the timeout's task, future and timer
-      per request (90 of the 433 µs of a single-row request in the app, docs/benchmarks.md) would
+      per request (85 of the 472 µs of a single-row request in the app, docs/benchmarks.md) would
       buy them nothing. The other routes keep the timeout.
     - BentoML's OpenTelemetry middleware is left out when tracing is off (TRACING unset): with
       every URL excluded it records nothing, but it still builds each request's URL and matches it.
