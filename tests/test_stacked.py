@@ -42,7 +42,8 @@ def test_each_member_trains_as_its_own_run_would(tmp_path):
     # padded: member i must end where engine.train on fold i (seed + i) ends.
     cfg, folds = _folds(tmp_path, 400, 5, epochs=6, patience=0)
     assert len({len(f.split.y_train) for f in folds}) == 1
-    members, seconds = stacked.train(cfg, folds, World())
+    members, seconds, blend = stacked.train(cfg, folds, World())
+    assert blend is None  # no partner
     assert seconds > 0
     for i, (member, fold) in enumerate(zip(members, folds)):
         alone = engine.train(dataclasses.replace(cfg, seed=cfg.seed + i), fold, World(), checkpoints=False)
@@ -59,7 +60,7 @@ def test_each_member_trains_as_its_own_run_would(tmp_path):
 def test_each_member_keeps_its_own_best_epoch_and_stops_on_its_own(tmp_path, scheduler):
     # 3 folds of 400 rows: 134, 133 and 133 validation rows, so members differ in size.
     cfg, folds = _folds(tmp_path, 400, 3, epochs=40, patience=4, scheduler=scheduler)
-    members, _ = stacked.train(cfg, folds, World())
+    members, _, _ = stacked.train(cfg, folds, World())
     for member, fold in zip(members, folds):
         p = member.progress
         # The exported weights are the member's best epoch: they score its fold as recorded then.
@@ -72,8 +73,42 @@ def test_each_member_keeps_its_own_best_epoch_and_stops_on_its_own(tmp_path, sch
 
 def test_lr_auto_sweeps_a_copy_of_the_first_member_and_sets_every_members_rate(tmp_path):
     cfg, folds = _folds(tmp_path, 400, 3, epochs=2, patience=0, lr="auto")
-    members, _ = stacked.train(cfg, folds, World())
+    members, _, _ = stacked.train(cfg, folds, World())
     sweep = members[0].progress.lr_sweep
     assert sweep and sweep["lrs"][0] < sweep["suggestion"] < sweep["lrs"][-1]
     assert all(m.progress.lr == sweep["suggestion"] for m in members)
     assert all(m.progress.lr_sweep is None for m in members[1:])
+
+
+def test_beside_a_partner_each_member_keeps_its_best_epoch_in_the_blend_too(tmp_path):
+    cfg, folds = _folds(tmp_path, 400, 3, epochs=40, patience=4)
+    linear, _, _ = stacked.train(dataclasses.replace(cfg, hidden=[]), folds, World())
+    partner = [engine.predict(m.net, engine.tensors(f, "validation", "cpu")[0]) for m, f in zip(linear, folds)]
+    members, _, blend = stacked.train(cfg, folds, World(), partner)
+    alone, _, _ = stacked.train(cfg, folds, World())
+    for i, (member, fold) in enumerate(zip(members, folds)):
+        X, y = engine.tensors(fold, "validation", "cpu")
+        # The partner only adds a record: the member trains as it does without one (for longer,
+        # while the blend still improves), and its own best is the best of its longer history.
+        ours, theirs = member.progress.history, alone[i].progress.history
+        assert len(ours) >= len(theirs)
+        np.testing.assert_allclose([h["val_loss"] for h in ours[:len(theirs)]],
+                                   [h["val_loss"] for h in theirs], rtol=1e-4)
+        assert not engine.is_better(alone[i].progress.best, member.progress.best, "classification")
+        # Its weights at the blend's best epoch, averaged with the partner, score the fold as recorded.
+        net = copy_of(member.net, blend["states"][i])
+        mixed = (engine.predict(net, X) + partner[i]) / 2
+        assert engine.metrics_of(mixed, y, "classification") == pytest.approx(blend["members"][i], abs=1e-6)
+        assert 1 <= blend["epochs"][i] <= len(member.progress.history)
+        # It ran until its patience was out both alone and in the blend.
+        last = len(member.progress.history)
+        assert last == 40 or last >= max(member.progress.best_epoch, blend["epochs"][i]) + 4
+        best_alone = engine.metrics_of(engine.predict(member.net, X), y, "classification")
+        assert best_alone == pytest.approx(member.progress.best, abs=1e-6)
+
+
+def copy_of(net: nn.Module, state: dict) -> nn.Module:
+    import copy
+    other = copy.deepcopy(net)
+    other.load_state_dict({**other.state_dict(), **state})
+    return other.eval()

@@ -391,7 +391,7 @@ def test_folds_default_to_five_for_in_memory_tables_only(tmp_path, csv_path):
         load_config(["--folds", "2.5"])
 
 
-def test_a_linear_candidate_is_averaged_in_when_it_cross_validates_better(tmp_path):
+def test_the_linear_candidate_the_blend_or_the_networks_whichever_cross_validates_best(tmp_path):
     import numpy as np
     import pandas as pd
     from training.ensemble import Ensemble
@@ -404,11 +404,14 @@ def test_a_linear_candidate_is_averaged_in_when_it_cross_validates_better(tmp_pa
                  normalizer="standard", store=False)
     result = run(quick_config(tmp_path, **table))
     cv = result.card["training"]["cross_validation"]
-    assert cv["chosen"] == "network + linear"
-    assert cv["candidates"]["network + linear"]["rmse"] < cv["candidates"]["network"]["rmse"]
-    assert cv["metrics"] == cv["candidates"]["network + linear"]
-    networks, linear = result.trained.net.members  # two bags, averaged; the export's parity held
-    assert isinstance(networks, Ensemble) and isinstance(linear, Ensemble) and len(linear.members) == 3
+    candidates = cv["candidates"]
+    assert set(candidates) == {"network", "network + linear", "linear"}
+    assert cv["metrics"] == candidates[cv["chosen"]]
+    assert all(candidates[cv["chosen"]]["rmse"] <= c["rmse"] for c in candidates.values())
+    # A linear table with little noise: the linear models, alone, cross-validate best.
+    assert cv["chosen"] == "linear" and candidates["linear"]["rmse"] < candidates["network + linear"]["rmse"]
+    linear = result.trained.net  # the linear bag alone; the export's parity held
+    assert isinstance(linear, Ensemble) and len(linear.members) == 3
     assert all([type(m) for m in member.body] == [nn.Linear] for member in linear.members)
     assert cv["metrics"]["r2"] > 0.99
     alone = run(quick_config(tmp_path, **table, linear_candidate=False, test_size=0.15))
@@ -416,6 +419,26 @@ def test_a_linear_candidate_is_averaged_in_when_it_cross_validates_better(tmp_pa
     assert alone.card["rows"]["test"] == 45 and alone.card["parity"]["split"] == "test"
     assert alone.card["metrics"]["test"]["r2"] > 0.99
     assert len(alone.trained.net.members) == 3
+
+
+def test_the_blend_is_exported_where_it_cross_validates_best(tmp_path):
+    import numpy as np
+    import pandas as pd
+    from training.ensemble import Ensemble
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 4))
+    y = X @ [3.0, -2.0, 1.0, 0.5] + 0.5 * np.abs(X[:, 1]) + rng.normal(0, 0.5, 300)  # mostly linear
+    path = tmp_path / "bent.csv"
+    pd.DataFrame(X, columns=list("abcd")).assign(y=y).to_csv(path, index=False)
+    result = run(quick_config(tmp_path, data=str(path), target="y", task="regression", folds=3,
+                              epochs=60, patience=10, normalizer="standard", store=False))
+    cv = result.card["training"]["cross_validation"]
+    assert cv["chosen"] == "network + linear" and cv["metrics"] == cv["candidates"]["network + linear"]
+    assert cv["metrics"]["rmse"] < min(cv["candidates"]["network"]["rmse"], cv["candidates"]["linear"]["rmse"])
+    networks, linear = result.trained.net.members  # two bags, averaged; the export's parity held
+    assert isinstance(networks, Ensemble) and isinstance(linear, Ensemble) and len(linear.members) == 3
+    assert all([type(m) for m in member.body] == [nn.Linear] for member in linear.members)
+    assert len(result.card["training"]["members"]) == 6
 
 
 def test_an_empty_hidden_list_trains_a_linear_model(tmp_path, csv_path):

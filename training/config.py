@@ -97,9 +97,9 @@ class Config:
                                 "time shuffled anew, and average all the k x repeats networks")
     linear_candidate: bool = _opt(True, "with --folds, on up to "
                                         f"{LINEAR_CANDIDATE_MAX_ROWS:,} training + validation rows: "
-                                        "also bag a linear model (--hidden '') over the same folds "
-                                        "and average it in with the networks if that cross-validates "
-                                        "better")
+                                        "also bag a linear model (--hidden '') over the same folds; "
+                                        "export the networks, the networks averaged with the linear "
+                                        "models, or the linear models, whichever cross-validates best")
     # run
     device: str = _opt("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     name: str | None = _opt(None, "model name (default: the dataset or file name)")

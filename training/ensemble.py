@@ -5,8 +5,8 @@ to 20,000 training + validation rows), --ensemble k and --refit.
 classification); network i trains on every fold but fold i and stops early on fold i, so every
 row trains k - 1 networks and judges one, and each network's best validation metric is held out.
 With --linear-candidate (on tables of up to 5,000 such rows) k linear models are bagged over the
-same folds too, and averaged in with the networks when fold by fold the pair judges its fold
-better than the network alone.
+same folds first, and the networks, the networks averaged with them, or the linear models alone
+are exported, whichever cross-validates best (each judged at its own best epochs).
 `--ensemble k` trains k networks from seeds seed .. seed + k - 1 on the one training split (each
 with early stopping on the validation split). `--refit` then trains each member again from scratch
 on the training and validation rows together, for as many epochs as its best one, on the same
@@ -103,48 +103,68 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Tra
 
 
 def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
-    """k networks bagged over the folds; with --linear-candidate on a small enough table, also k
-    linear models over the same folds, averaged in with the networks if that cross-validates
-    better (each fold's network and linear model judged together on that fold)."""
+    """k networks bagged over the folds. With --linear-candidate on a small enough table, k linear
+    models are bagged over the same folds first, and the export is whichever of three candidates
+    cross-validates best: the networks, the networks averaged with the linear models, or the
+    linear models. Each candidate is judged at its own best epochs, found on the same folds (for
+    the blend, the epoch where each network does best as half of it), so that no candidate's
+    figure is more optimistic than another's (docs/quality.md)."""
     folds = fold_data(data, data.folds, cfg.seed, cfg.fold_repeats)
-    bagged = _bag(cfg, folds, world)
     pooled_rows = data.rows["train"] + data.rows["validation"]
     if not (cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS
             and data.table.modality != "image"):
-        return bagged
-    linear = _bag(dataclasses.replace(cfg, hidden=[]), folds, world)
+        return _bag(cfg, folds, world)[0]
+    linear, _ = _bag(dataclasses.replace(cfg, hidden=[]), folds, world)
+    partner = None
+    if stacked.applies(folds[0], world):  # each linear model's outputs on its own fold
+        partner = [engine.predict(m, engine.tensors(f, "validation", "cpu")[0]).to(world.device)
+                   for m, f in zip(linear.net.members, folds)]
+    networks, blend = _bag(cfg, folds, world, partner)
     if not world.main:
         return None
     task = data.table.task
-    both = cross_validation([{"validation_rows": len(f.split.y_val), "validation": engine.evaluate(
-        Ensemble([n, m]), *engine.tensors(f, "validation", "cpu"), task, f.y_mean, f.y_scale)}
-        for n, m, f in zip(bagged.net.members, linear.net.members, folds)], cfg.fold_repeats)
-    blend = engine.is_better(both["metrics"], bagged.cross_validation["metrics"], task)
-    candidates = {"network": bagged.cross_validation["metrics"], "network + linear": both["metrics"]}
-    bagged.progress.elapsed += linear.progress.elapsed
-    if blend:
-        bagged.net = Ensemble([bagged.net, linear.net]).eval()
-        bagged.members += [{**m, "linear": True} for m in linear.members]
-        bagged.cross_validation = both
-    bagged.cross_validation = {**bagged.cross_validation, "candidates": candidates,
-                               "chosen": "network + linear" if blend else "network"}
-    return bagged
+    if blend is None:  # under torchrun: each network at its own best epoch, with its linear model
+        blend = {"members": [engine.evaluate(Ensemble([n, m]), *engine.tensors(f, "validation", "cpu"),
+                                             task, f.y_mean, f.y_scale)
+                             for n, m, f in zip(networks.net.members, linear.net.members, folds)]}
+    both = cross_validation([{"validation_rows": len(f.split.y_val), "validation": v}
+                             for v, f in zip(blend["members"], folds)], cfg.fold_repeats)
+    candidates = {"network": networks.cross_validation["metrics"], "network + linear": both["metrics"],
+                  "linear": linear.cross_validation["metrics"]}
+    chosen = "network"
+    for name in ("network + linear", "linear"):
+        if engine.is_better(candidates[name], candidates[chosen], task):
+            chosen = name
+    seconds = networks.progress.elapsed + linear.progress.elapsed
+    if chosen == "network + linear":
+        for net, state in zip(networks.net.members, blend.get("states", [])):
+            net.load_state_dict({**net.state_dict(), **state})  # each at its best epoch in the blend
+        networks.net = Ensemble([networks.net, linear.net]).eval()
+        networks.members += [{**m, "linear": True} for m in linear.members]
+        networks.cross_validation = both
+    picked = linear if chosen == "linear" else networks
+    picked.progress.elapsed = seconds
+    picked.cross_validation = {**picked.cross_validation, "candidates": candidates, "chosen": chosen}
+    return picked
 
 
-def _bag(cfg, folds: list[Data], world: World) -> engine.Trained | None:
+def _bag(cfg, folds: list[Data], world: World, partner: list[torch.Tensor] | None = None
+         ) -> tuple[engine.Trained | None, dict | None]:
+    """The fold networks, combined; and beside a partner, their blends' best epochs (stacked.train)."""
+    blend = None
     if stacked.applies(folds[0], world):
-        members, seconds = stacked.train(cfg, folds, world)  # all folds' networks at once
+        members, seconds, blend = stacked.train(cfg, folds, world, partner)  # all folds at once
     else:
         members, seconds = _one_by_one(cfg, folds, world)
     if not world.main:
-        return None
+        return None, None
     k, repeats = len(folds) // cfg.fold_repeats, cfg.fold_repeats
     described = [{"fold": i % k + 1, **({"repeat": i // k + 1} if repeats > 1 else {}),
                   "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
                   "validation": m.progress.best} for i, (m, fold) in enumerate(zip(members, folds))]
     combined = _combined(members, seconds, described, refit=False)
     combined.cross_validation = cross_validation(described, repeats)
-    return combined
+    return combined, blend
 
 
 def _one_by_one(cfg, folds: list[Data], world: World) -> tuple[list, float]:

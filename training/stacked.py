@@ -4,7 +4,8 @@ leading member axis, so one optimizer step runs every member's batch through bat
 A small network's step costs mostly Python and kernel launches, not arithmetic, so the five fold
 networks train in about the time one took (docs/quality.md). Each member keeps what a run of its
 own has: its initial weights (seed + i), its rows in its own order (its own generator), its own
-BatchNorm statistics, early stopping on its own fold and its best epoch's weights. AdamW's update
+BatchNorm statistics, early stopping on its own fold and its best epoch's weights (and, beside a
+partner model, its best epoch as half of the blend: see train). AdamW's update
 is elementwise, so one optimizer over the stacked weights steps each member as its own optimizer
 would, and the summed loss gives each member its own gradient. What they share: the learning
 rate schedule (--scheduler plateau follows the running members' mean validation metric) and the number
@@ -120,10 +121,15 @@ def _padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
+def train(cfg, folds: list[Data], world, partner: list[torch.Tensor] | None = None
+          ) -> tuple[list[engine.Trained], float, dict | None]:
     """Train one network per fold (member i: seed cfg.seed + i, trained on fold i's training rows,
-    stopped early on its validation rows); returns the members, each as engine.train would, and
-    the training seconds of them all."""
+    stopped early on its validation rows); returns the members, each as engine.train would, the
+    training seconds of them all, and, given a `partner` (per fold, another model's outputs on that
+    fold's validation rows: the linear bag's), each member's best epoch as half of a blend with its
+    partner, found the same way as its own: {"members": [the blend's metrics on each fold],
+    "epochs": [...], "states": [each member's weights then]}. A member stops when its patience has
+    run out both alone and blended."""
     k, data, device = len(folds), folds[0], world.device
     task = data.table.task
     n_out = len(data.table.classes) if task == "classification" else 1
@@ -169,7 +175,8 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
     metric, higher = engine.monitor(task)
     schedule = LRSchedule(cfg.scheduler, optimizer, lr, cfg.epochs, steps, cfg.patience, higher)
     progress = [Progress(lr=lr, lr_sweep=sweep if i == 0 else None) for i in range(k)]
-    running = list(range(k))  # members whose patience has not run out
+    blends = [Progress() for _ in range(k)] if partner is not None else None
+    running = list(range(k))  # members whose patience has not run out (alone and blended)
     version = world.share(engine.new_version)
     started = time.perf_counter()
     kind = "linear models" if not cfg.hidden else "networks"
@@ -184,8 +191,16 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
         schedule.after_epoch(sum(vals[i][metric] for i in running) / len(running))
         elapsed = time.perf_counter() - started
         for i in list(running):
-            if engine.record_epoch(progress[i], cfg, task, float(train_loss[i]), vals[i], lr_now,
-                                   elapsed, lambda: model.member_state(i)):
+            state = lambda: model.member_state(i)  # noqa: E731
+            done = engine.record_epoch(progress[i], cfg, task, float(train_loss[i]), vals[i], lr_now,
+                                       elapsed, state)
+            if blends is not None:
+                y = val_rows[i][1]
+                mixed = engine.metrics_of((out[i, :len(y)] + partner[i]) / 2, y, task, data.y_mean,
+                                          data.y_scale)
+                done &= engine.record_epoch(blends[i], cfg, task, float(train_loss[i]), mixed, lr_now,
+                                            elapsed, state)
+            if done:
                 running.remove(i)
         bar.set_postfix(loss=f"{float(train_loss.mean()):.4f}", lr=f"{lr_now:.2e}",
                         running=len(running), **{f"val_{metric}": f"{sum(v[metric] for v in vals) / k:.4f}"})
@@ -200,7 +215,10 @@ def train(cfg, folds: list[Data], world) -> tuple[list[engine.Trained], float]:
         members.append(engine.Trained(net=net.eval(), version=version, progress=p,
                                       stopped_early=i not in running, device=str(device),
                                       resumed=False, distributed=None))
-    return members, time.perf_counter() - started
+    blend = None if blends is None else {"members": [b.best for b in blends],
+                                         "epochs": [b.best_epoch for b in blends],
+                                         "states": [b.best_state for b in blends]}
+    return members, time.perf_counter() - started, blend
 
 
 @torch.no_grad()
