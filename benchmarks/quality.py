@@ -160,7 +160,8 @@ def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str
     cfg = make_config({"data": "x.csv", "target": target, "task": task, "seed": seed, "progress": False,
                        "store": False, **settings})
     started = time.perf_counter()
-    table = to_table(train.reset_index(drop=True), target, None, task, "bench")
+    table = to_table(train.reset_index(drop=True), target, None, task, "bench", categorical=cfg.categorical,
+                     numeric=cfg.numeric, drop=cfg.drop)
     world = World()
     data = prepare(cfg, world, table)
     trained = ensemble.train(cfg, data, world, checkpoints=False)

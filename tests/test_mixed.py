@@ -199,3 +199,50 @@ def test_near_unique_text_is_left_out_and_rare_categories_are_pooled(tmp_path, c
     assert len(email["categories"]) == 1  # forced in, yet one column: no address repeats 5 times
     width = sum(1 if c["type"] == "numeric" else len(c["categories"]) for c in card["columns"])
     assert width <= 2 + 3 * 4 + 1 + MAX_CATEGORIES
+
+
+def stores(n=3000, seed=0) -> pd.DataFrame:
+    """Sales by store: 200 store codes (about 15 rows each) whose effects follow no order of the
+    codes, a number, and a few-valued integer."""
+    rng = np.random.default_rng(seed)
+    codes = rng.choice(np.arange(10_000, 60_000), 200, replace=False)
+    effect = dict(zip(codes, rng.normal(0, 1, 200)))
+    frame = pd.DataFrame({"store": rng.choice(codes, n), "price": rng.normal(0, 1, n),
+                          "weekday": rng.integers(0, 7, n)})
+    frame["sales"] = frame.store.map(effect) + 0.5 * frame.price + rng.normal(0, 0.3, n)
+    return frame
+
+
+def test_integer_codes_are_one_hot_encoded_beside_the_number(tmp_path):
+    from training.encoding import MAX_CODES, MIN_CATEGORY_ROWS
+    frame = stores()
+    with pytest.warns(UserWarning, match=r"integer code column\(s\) store: over 128 distinct values"):
+        table = to_table(frame, "sales", None, "regression", "t")
+    assert table.modality == "mixed"  # numbers only, yet one input per column
+    assert table.columns == [{"name": "store", "type": "numeric", "codes": True},
+                             {"name": "price", "type": "numeric"}, {"name": "weekday", "type": "numeric"}]
+    assert to_table(frame, "sales", None, "regression", "t", numeric=["store"]).modality == "table"
+    few = frame.assign(store=frame.store % 100)  # 100 values: the quantile map resolves each
+    assert to_table(few, "sales", None, "regression", "t").modality == "table"
+
+    path = tmp_path / "stores.csv"
+    frame.to_csv(path, index=False)
+    options = dict(data=str(path), target="sales", epochs=30, hidden=[32, 16], store=False)
+    result = run(quick_config(tmp_path / "codes", **options))
+    store = next(c for c in result.card["columns"] if c["name"] == "store")
+    train = result.data.split.X_train
+    assert store["codes"] == (train.store.value_counts() >= MIN_CATEGORY_ROWS).sum() <= MAX_CODES
+    assert store["median"] == pytest.approx(train.store.median())  # the number is kept too
+    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
+    assert {i.name: i.type for i in session.get_inputs()} == {
+        "store": "tensor(float)", "price": "tensor(float)", "weekday": "tensor(float)"}
+    odd = result.data.split.X_test.head(8).copy()
+    odd.loc[0, "store"], odd.loc[1, "store"] = np.nan, 99_999  # missing, and a code never seen
+    out = session.run(None, encoding.column_feeds(odd, result.data.table.columns))[0]
+    X = result.data.normalizer.encode(odd)
+    with torch.no_grad():
+        reference = result.trained.net.eval()(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(out, reference[:, 0] * result.data.y_scale + result.data.y_mean, atol=1e-4)
+    # The codes are what the model learns the stores from: as a number only, it cannot.
+    as_number = run(quick_config(tmp_path / "number", **options, numeric=["store"]))
+    assert result.card["metrics"]["test"]["r2"] > 0.8 > as_number.card["metrics"]["test"]["r2"] + 0.2

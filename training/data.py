@@ -15,9 +15,9 @@ from sklearn.model_selection import train_test_split
 
 from training.contract import category_text
 from training.files import read_table
-from training.rules import (MIN_TRAIN_ROWS, DataError, DataNote, Target, check_float32, check_rows,
-                            count, is_near_unique, is_number_column, json_label, names,
-                            too_few_to_split)
+from training.rules import (CODE_MIN_VALUES, MIN_TRAIN_ROWS, DataError, DataNote, Target,
+                            check_float32, check_rows, count, is_code_column, is_near_unique,
+                            is_number_column, json_label, names, too_few_to_split)
 
 
 @dataclass
@@ -155,7 +155,12 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     if (inf := np.isinf(X_num).sum(axis=0)).any():
         cols = [f"{c} ({count(n)})" for c, n in zip(numbers, inf) if n]
         raise DataError(f"feature column(s) have infinite values: {names(cols)}")
-    mixed = len(numbers) < len(features) or bool(np.isnan(X_num).any())
+    codes = [c for c in numbers if c not in (numeric or ()) and is_code_column(frame[c])]
+    if codes:
+        warnings.warn(f"integer code column(s) {', '.join(map(str, codes))}: over {CODE_MIN_VALUES} "
+                      "distinct values, each in several rows; one-hot encoded beside the number "
+                      "(keep a number only with --numeric)", DataNote)
+    mixed = len(numbers) < len(features) or bool(np.isnan(X_num).any()) or bool(codes)
     if mixed:
         # Categories as text (a missing one is its own value, ""); numbers as floats with NaN.
         X = pd.DataFrame({str(c): (frame[c].astype(object).map(category_text)
@@ -163,7 +168,8 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
                                    else pd.to_numeric(frame[c]).astype(np.float64))
                           for c in features})
         X = X.reset_index(drop=True)
-        columns = [{"name": str(c), "type": types[c]} for c in features]
+        columns = [{"name": str(c), "type": types[c], **({"codes": True} if c in codes else {})}
+                   for c in features]
     else:
         X, columns = X_num, None
     check_float32(X_num)

@@ -4,8 +4,10 @@ the network. (Scaling the numeric columns is the normalizer's job: training/norm
 
 Numeric columns: a missing value -> the training median. Categorical columns (text; a missing
 value is its own category, ""): one-hot over the training categories that have enough rows; a
-rare category, or one never seen in training, is all zeros, not an error. The output has the numeric columns first, then the one-hot
-columns. The graph takes one input per column, named after it: float32 [batch, 1] (NaN = missing)
+rare category, or one never seen in training, is all zeros, not an error. Integer code columns
+(training/rules.py: a person, a store) are numeric columns that are also one-hot encoded over their
+frequent training values, as a category column is (a missing or unseen value: all zeros). The
+output has the numeric columns first, then the categories' one-hot columns, then the codes'. The graph takes one input per column, named after it: float32 [batch, 1] (NaN = missing)
 or string [batch, 1].
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import onnx
 import pandas as pd
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
+from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
 
@@ -23,15 +26,20 @@ def names(columns: list[dict], kind: str) -> list[str]:
 
 
 # A column's categories get a one-hot column each when they have at least MIN_CATEGORY_ROWS training
-# rows, at most MAX_CATEGORIES per column (the most frequent); rarer ones are pooled with the
-# unseen ones as all zeros. The width stays bounded whatever the cardinality.
-MIN_CATEGORY_ROWS, MAX_CATEGORIES = 5, 100
+# rows, at most MAX_CATEGORIES per column (the most frequent; MAX_CODES for a code column, whose
+# values are the point); rarer ones are pooled with the unseen ones as all zeros. The width stays
+# bounded whatever the cardinality.
+MIN_CATEGORY_ROWS, MAX_CATEGORIES, MAX_CODES = 5, 100, 1000
 
 
-def kept_categories(values: pd.Series) -> list[str]:
+def kept_categories(values: pd.Series, most: int = MAX_CATEGORIES) -> list:
     counts = values.value_counts()
-    kept = counts[counts >= MIN_CATEGORY_ROWS].index[:MAX_CATEGORIES]
+    kept = counts[counts >= MIN_CATEGORY_ROWS].index[:most]
     return sorted(kept if len(kept) else counts.index[:1])
+
+
+def code_names(columns: list[dict]) -> list[str]:
+    return [c["name"] for c in columns if c.get("codes")]
 
 
 def fit_encoder(frame: pd.DataFrame, columns: list[dict]) -> ColumnTransformer:
@@ -39,8 +47,18 @@ def fit_encoder(frame: pd.DataFrame, columns: list[dict]) -> ColumnTransformer:
     numeric = SimpleImputer(strategy="median")
     categorical = OneHotEncoder(categories=[kept_categories(frame[c]) for c in names(columns, "categorical")],
                                 handle_unknown="ignore", sparse_output=False, dtype=np.float64)
+    # Codes: a missing value is imputed as one below the smallest code, which has no column. (The
+    # graph casts a code to int64 before the lookup, so a fractional value, never seen in
+    # training, counts as its integer part there.)
+    codes = [np.array(kept_categories(frame[c].dropna().astype(np.int64), MAX_CODES), dtype=np.int64)
+             for c in code_names(columns)]
+    below = min((int(c[0]) - 1 for c in codes), default=0)
+    coded = make_pipeline(SimpleImputer(strategy="constant", fill_value=float(below)),
+                          OneHotEncoder(categories=[c.astype(np.float64) for c in codes],
+                                        handle_unknown="ignore", sparse_output=False, dtype=np.float64))
     steps = [("numeric", numeric, names(columns, "numeric")),
-             ("categorical", categorical, names(columns, "categorical"))]
+             ("categorical", categorical, names(columns, "categorical")),
+             ("codes", coded, code_names(columns))]
     return ColumnTransformer([s for s in steps if s[2]]).fit(frame)
 
 
@@ -65,6 +83,10 @@ def learned(pre: ColumnTransformer, columns: list[dict]) -> dict[str, dict]:
         categories = pre.named_transformers_["categorical"].categories_
         out.update({name: {"categories": [str(c) for c in cats]}
                     for name, cats in zip(names(columns, "categorical"), categories)})
+    if "codes" in pre.named_transformers_:
+        encoder = pre.named_transformers_["codes"][-1]
+        for name, values in zip(code_names(columns), encoder.categories_):
+            out[name]["codes"] = len(values)  # one-hot columns beside the number
     return out
 
 

@@ -71,6 +71,21 @@ def is_near_unique(values: pd.Series) -> bool:
     return distinct > NEAR_UNIQUE_MIN and distinct > NEAR_UNIQUE_SHARE * len(values)
 
 
+# An integer column with more distinct values than the quantile map has knots (so the map pools
+# neighbouring values), each value in CODE_MIN_ROWS rows or more on average, reads as codes (a
+# person, a store, a zip code) as much as a quantity: it is one-hot encoded beside the number.
+CODE_MIN_VALUES, CODE_MIN_ROWS = 128, 5
+
+
+def is_code_column(values: pd.Series) -> bool:
+    present = values.dropna()
+    if not is_number_column(values) or present.empty:
+        return False
+    distinct = present.nunique()
+    return (distinct > CODE_MIN_VALUES and len(present) >= CODE_MIN_ROWS * distinct
+            and bool(np.all(np.mod(present.to_numpy(np.float64), 1) == 0)))
+
+
 def is_number_column(values: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
 
