@@ -74,6 +74,7 @@ def is_near_unique(values: pd.Series) -> bool:
 # An integer column with more distinct values than the quantile map has knots (so the map pools
 # neighbouring values), each value in CODE_MIN_ROWS rows or more on average, reads as codes (a
 # person, a store, a zip code) as much as a quantity: it is one-hot encoded beside the number.
+# Not when every value is a multiple of one step (an amount rounded to hundreds is a quantity).
 CODE_MIN_VALUES, CODE_MIN_ROWS = 128, 5
 
 
@@ -82,8 +83,12 @@ def is_code_column(values: pd.Series) -> bool:
     if not is_number_column(values) or present.empty:
         return False
     distinct = present.nunique()
-    return (distinct > CODE_MIN_VALUES and len(present) >= CODE_MIN_ROWS * distinct
-            and bool(np.all(np.mod(present.to_numpy(np.float64), 1) == 0)))
+    if distinct <= CODE_MIN_VALUES or len(present) < CODE_MIN_ROWS * distinct:
+        return False
+    numbers = present.to_numpy(np.float64)
+    if not np.all(np.mod(numbers, 1) == 0) or np.abs(numbers).max() >= 2**62:
+        return False
+    return int(np.gcd.reduce(np.abs(numbers).astype(np.int64))) == 1
 
 
 def is_number_column(values: pd.Series) -> bool:
