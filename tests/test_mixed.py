@@ -226,6 +226,10 @@ def test_integer_codes_are_one_hot_encoded_beside_the_number(tmp_path):
     assert to_table(few, "sales", None, "regression", "t").modality == "table"
     rounded = frame.assign(store=frame.store * 100)  # multiples of one step: an amount, not codes
     assert to_table(rounded, "sales", None, "regression", "t").modality == "table"
+    rng = np.random.default_rng(1)  # a count piled on zero: its values' row counts vary widely
+    count = np.where(rng.random(len(frame)) < 0.4, 0, rng.integers(1, 200, len(frame)))
+    assert frame.assign(store=count).store.nunique() > 128
+    assert to_table(frame.assign(store=count), "sales", None, "regression", "t").modality == "table"
 
     path = tmp_path / "stores.csv"
     frame.to_csv(path, index=False)

@@ -74,8 +74,11 @@ def is_near_unique(values: pd.Series) -> bool:
 # An integer column with more distinct values than the quantile map has knots (so the map pools
 # neighbouring values), each value in CODE_MIN_ROWS rows or more on average, reads as codes (a
 # person, a store, a zip code) as much as a quantity: it is one-hot encoded beside the number.
-# Not when every value is a multiple of one step (an amount rounded to hundreds is a quantity).
-CODE_MIN_VALUES, CODE_MIN_ROWS = 128, 5
+# Not when the values' row counts vary more than CODE_MAX_SPREAD (their standard deviation over
+# their mean): a group id's values come in groups of similar size (a person in each of 8 years),
+# a quantity's pile up on some (zeros, round numbers). Nor when every value is a multiple of one
+# step (an amount rounded to hundreds is a quantity).
+CODE_MIN_VALUES, CODE_MIN_ROWS, CODE_MAX_SPREAD = 128, 5, 1.0
 
 
 def is_code_column(values: pd.Series) -> bool:
@@ -84,6 +87,9 @@ def is_code_column(values: pd.Series) -> bool:
         return False
     distinct = present.nunique()
     if distinct <= CODE_MIN_VALUES or len(present) < CODE_MIN_ROWS * distinct:
+        return False
+    rows = present.value_counts()
+    if rows.std(ddof=0) > CODE_MAX_SPREAD * rows.mean():
         return False
     numbers = present.to_numpy(np.float64)
     if not np.all(np.mod(numbers, 1) == 0) or np.abs(numbers).max() >= 2**62:
