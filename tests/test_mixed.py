@@ -224,6 +224,8 @@ def test_integer_codes_are_one_hot_encoded_beside_the_number(tmp_path):
     assert to_table(frame, "sales", None, "regression", "t", numeric=["store"]).modality == "table"
     few = frame.assign(store=frame.store % 100)  # 100 values: the quantile map resolves each
     assert to_table(few, "sales", None, "regression", "t").modality == "table"
+    huge = frame.assign(store=frame.store + 2**24)  # not exact in the graph's float32 input
+    assert to_table(huge, "sales", None, "regression", "t").modality == "table"
     rounded = frame.assign(store=frame.store * 100)  # multiples of one step: an amount, not codes
     assert to_table(rounded, "sales", None, "regression", "t").modality == "table"
     rng = np.random.default_rng(1)  # a count piled on zero: its values' row counts vary widely

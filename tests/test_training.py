@@ -430,15 +430,27 @@ def test_the_blend_is_exported_where_it_cross_validates_best(tmp_path):
     y = X @ [3.0, -2.0, 1.0, 0.5] + 0.5 * np.abs(X[:, 1]) + rng.normal(0, 0.5, 300)  # mostly linear
     path = tmp_path / "bent.csv"
     pd.DataFrame(X, columns=list("abcd")).assign(y=y).to_csv(path, index=False)
-    result = run(quick_config(tmp_path, data=str(path), target="y", task="regression", folds=3,
-                              epochs=60, patience=10, normalizer="standard", store=False))
+    cfg = quick_config(tmp_path, data=str(path), target="y", task="regression", folds=3, epochs=60,
+                       patience=10, normalizer="standard", store=False)
+    result = run(cfg)
     cv = result.card["training"]["cross_validation"]
     assert cv["chosen"] == "network + linear" and cv["metrics"] == cv["candidates"]["network + linear"]
     assert cv["metrics"]["rmse"] < min(cv["candidates"]["network"]["rmse"], cv["candidates"]["linear"]["rmse"])
     networks, linear = result.trained.net.members  # two bags, averaged; the export's parity held
     assert isinstance(networks, Ensemble) and isinstance(linear, Ensemble) and len(linear.members) == 3
     assert all([type(m) for m in member.body] == [nn.Linear] for member in linear.members)
-    assert len(result.card["training"]["members"]) == 6
+    members = result.card["training"]["members"]
+    assert len(members) == 6 and [m.get("linear", False) for m in members] == [False] * 3 + [True] * 3
+    # The exported networks are at their best epochs in the blend: fold by fold, each averaged
+    # with its linear model scores its fold as recorded.
+    from training import engine
+    from training.ensemble import fold_data
+    for i, fold in enumerate(fold_data(result.data, 3, cfg.seed)):
+        pair = Ensemble([networks.members[i], linear.members[i]])
+        scored = engine.evaluate(pair, *engine.tensors(fold, "validation", "cpu"), "regression",
+                                 fold.y_mean, fold.y_scale)
+        assert members[i]["validation_in"] == "the blend"
+        assert scored == pytest.approx(members[i]["validation"], rel=1e-5)
 
 
 def test_an_empty_hidden_list_trains_a_linear_model(tmp_path, csv_path):

@@ -74,7 +74,8 @@ def column_feeds(frame: pd.DataFrame, columns: list[dict]) -> dict[str, np.ndarr
 
 
 def learned(pre: ColumnTransformer, columns: list[dict]) -> dict[str, dict]:
-    """What was learned from the training split, per column: a median or the categories."""
+    """What was learned from the training split, per column: a median or the categories (and for a
+    code column, how many codes have a one-hot column)."""
     out = {}
     if "numeric" in pre.named_transformers_:
         medians = pre.named_transformers_["numeric"].statistics_

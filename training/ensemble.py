@@ -108,7 +108,8 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     cross-validates best: the networks, the networks averaged with the linear models, or the
     linear models. Each candidate is judged at its own best epochs, found on the same folds (for
     the blend, the epoch where each network does best as half of it), so that no candidate's
-    figure is more optimistic than another's (docs/quality.md)."""
+    figure is more optimistic than another's (docs/quality.md). Under torchrun, where the networks
+    train one at a time, the blend is judged with each network at its own best epoch."""
     folds = fold_data(data, data.folds, cfg.seed, cfg.fold_repeats)
     pooled_rows = data.rows["train"] + data.rows["validation"]
     if not (cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS
@@ -137,11 +138,17 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
             chosen = name
     seconds = networks.progress.elapsed + linear.progress.elapsed
     if chosen == "network + linear":
-        for net, state in zip(networks.net.members, blend.get("states", [])):
-            net.load_state_dict({**net.state_dict(), **state})  # each at its best epoch in the blend
+        if "states" in blend:  # each network at its best epoch in the blend
+            for net, state, member, epoch, metrics in zip(networks.net.members, blend["states"],
+                                                          networks.members, blend["epochs"],
+                                                          blend["members"]):
+                net.load_state_dict({**net.state_dict(), **state})
+                member.update(best_epoch=epoch, validation=metrics, validation_in="the blend")
         networks.net = Ensemble([networks.net, linear.net]).eval()
         networks.members += [{**m, "linear": True} for m in linear.members]
         networks.cross_validation = both
+    if chosen == "linear":
+        linear.members = [{**m, "linear": True} for m in linear.members]
     picked = linear if chosen == "linear" else networks
     picked.progress.elapsed = seconds
     picked.cross_validation = {**picked.cross_validation, "candidates": candidates, "chosen": chosen}
@@ -186,7 +193,8 @@ def cross_validation(members: list[dict], repeats: int = 1) -> dict:
     repeat), {"validation_rows": n, "validation": metrics on that fold}."""
     rows = sum(m["validation_rows"] for m in members)
     return {"folds": len(members) // repeats, "repeats": repeats,
-            "note": "each network is stopped early on its own fold (the normalizer was fitted on "
+            "note": "each network is stopped early on its own fold (in a blend with the linear "
+                    "bag, at its best epoch in the blend; the normalizer was fitted on "
                     "every fold's rows); the validation split's metrics are not held out (every "
                     "row trained all networks but those whose fold it is in)",
             "metrics": {k: sum(m["validation"][k] * m["validation_rows"] for m in members) / rows

@@ -193,7 +193,8 @@ class MixedColumns(Normalizer):
     """Mixed tables (text categories, missing values): numeric columns get the training median for
     a missing value, then `numeric` (a numeric-table normalizer); text columns are one-hot over
     the training categories (a missing value is its own category, ""; a rare category, or one
-    never seen in training, is all zeros: training/encoding.py). Imputing and encoding run in the graph as scikit-learn converted by
+    never seen in training, is all zeros: training/encoding.py); integer code columns are also
+    one-hot over their frequent codes, after the number. Imputing and encoding run in the graph as scikit-learn converted by
     skl2onnx; the numeric normalizer runs in front of the network like a numeric table's."""
 
     def __init__(self, numeric, columns: list[dict]):
@@ -219,7 +220,9 @@ class MixedColumns(Normalizer):
             "per_column": "see columns: numeric -> training median for missing values, then "
                           f"{self.numeric.name} scaling; categorical -> one-hot over the training "
                           f"categories with at least {encoding.MIN_CATEGORY_ROWS} rows (at most "
-                          f"{encoding.MAX_CATEGORIES}), rarer or unseen ones -> all zeros"}}
+                          f"{encoding.MAX_CATEGORIES}), rarer or unseen ones -> all zeros; a code "
+                          "column (codes: n) is numeric and also one-hot over its n codes with at "
+                          f"least {encoding.MIN_CATEGORY_ROWS} rows"}}
 
     def module(self) -> nn.Module:
         return FirstColumns(self.numeric.module() if self.n_numeric_ else nn.Identity(),

@@ -78,7 +78,9 @@ def is_near_unique(values: pd.Series) -> bool:
 # their mean): a group id's values come in groups of similar size (a person in each of 8 years),
 # a quantity's pile up on some (zeros, round numbers). Nor when every value is a multiple of one
 # step (an amount rounded to hundreds is a quantity).
+# (128: QuantileNormal's n_quantiles, training/normalize.py.)
 CODE_MIN_VALUES, CODE_MIN_ROWS, CODE_MAX_SPREAD = 128, 5, 1.0
+FLOAT32_EXACT = 2**24  # every integer below it is exact in float32
 
 
 def is_code_column(values: pd.Series) -> bool:
@@ -92,8 +94,8 @@ def is_code_column(values: pd.Series) -> bool:
     if rows.std(ddof=0) > CODE_MAX_SPREAD * rows.mean():
         return False
     numbers = present.to_numpy(np.float64)
-    if not np.all(np.mod(numbers, 1) == 0) or np.abs(numbers).max() >= 2**62:
-        return False
+    if not np.all(np.mod(numbers, 1) == 0) or np.abs(numbers).max() >= FLOAT32_EXACT:
+        return False  # the graph takes float32: larger integers would not arrive exactly
     return int(np.gcd.reduce(np.abs(numbers).astype(np.int64))) == 1
 
 
