@@ -7,8 +7,9 @@ value is its own category, ""): one-hot over the training categories that have e
 rare category, or one never seen in training, is all zeros, not an error. Integer code columns
 (training/rules.py: a person, a store) are numeric columns that are also one-hot encoded over their
 frequent training values, as a category column is (a missing or unseen value: all zeros). The
-output has the numeric columns first, then the categories' one-hot columns, then the codes'. The graph takes one input per column, named after it: float32 [batch, 1] (NaN = missing)
-or string [batch, 1].
+output has the numeric columns first, then the categories' one-hot columns, then the codes'. The
+graph takes one input per column, named after it: float32 [batch, 1] (NaN = missing) or string
+[batch, 1].
 """
 from __future__ import annotations
 
