@@ -87,10 +87,9 @@ def is_code_column(values: pd.Series) -> bool:
     present = values.dropna()
     if not is_number_column(values) or present.empty:
         return False
-    distinct = present.nunique()
-    if distinct <= CODE_MIN_VALUES or len(present) < CODE_MIN_ROWS * distinct:
+    rows = present.value_counts()  # per distinct value
+    if len(rows) <= CODE_MIN_VALUES or len(present) < CODE_MIN_ROWS * len(rows):
         return False
-    rows = present.value_counts()
     if rows.std(ddof=0) > CODE_MAX_SPREAD * rows.mean():
         return False
     numbers = present.to_numpy(np.float64)

@@ -16,6 +16,7 @@ own to fill the epoch). After training the members are taken apart into ordinary
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import time
 
@@ -191,7 +192,7 @@ def train(cfg, folds: list[Data], world, partner: list[torch.Tensor] | None = No
         schedule.after_epoch(sum(vals[i][metric] for i in running) / len(running))
         elapsed = time.perf_counter() - started
         for i in list(running):
-            state = lambda: model.member_state(i)  # noqa: E731
+            state = functools.cache(lambda: model.member_state(i))  # once, if both records keep it
             done = engine.record_epoch(progress[i], cfg, task, float(train_loss[i]), vals[i], lr_now,
                                        elapsed, state)
             if blends is not None:
