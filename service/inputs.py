@@ -1,8 +1,11 @@
 """Turn a request's `instances` into the array the ONNX graph takes, or say exactly what is wrong.
 
 Table rows are lists of raw values in training order, or records keyed by feature name; only real
-numbers pass: no strings, booleans, null, NaN or infinity, nothing outside float32. Images are
-nested lists [channels][height][width] of integers 0..255.
+numbers pass: no strings, booleans, null, NaN or infinity, nothing outside float32. A record may
+also carry the columns training left out (the model's `left_out`: the target, empty, constant,
+date and id columns, --drop): they are ignored, so a client can send the file's own rows. Mixed
+tables take null for a gap, as training read them (training/columns.py). Images are nested lists
+[channels][height][width] of integers 0..255.
 """
 from __future__ import annotations
 
@@ -14,9 +17,8 @@ from itertools import chain
 import numpy as np
 import orjson
 
-from training.contract import category_text
+from training.contract import FLOAT32_MAX, category_text, column_input, finite_float32, number_or_nan
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 NUMBER_TYPES = {int, float}
 
 
@@ -48,7 +50,7 @@ def _describe(value) -> str:
         "a list" if isinstance(value, list) else "an object")
 
 
-def _row_values(i: int, row, feature_names: list[str]) -> list:
+def _row_values(i: int, row, feature_names: list[str], ignored: frozenset = frozenset()) -> list:
     n = len(feature_names)
     if type(row) is list:
         if len(row) != n:
@@ -61,9 +63,9 @@ def _row_values(i: int, row, feature_names: list[str]) -> list:
             raise BadRequest(f"row {i}: missing feature(s): {', '.join(missing)}")
         if len(row) != n:
             known = set(feature_names)
-            unknown = [str(k) for k in row if k not in known]
-            raise BadRequest(f"row {i}: unknown feature(s): {', '.join(unknown)}; "
-                             f"expected {', '.join(feature_names)}")
+            if unknown := [str(k) for k in row if k not in known and k not in ignored]:
+                raise BadRequest(f"row {i}: unknown feature(s): {', '.join(unknown)}; "
+                                 f"expected {', '.join(feature_names)}")
         return [row[f] for f in feature_names]
     raise BadRequest(f"row {i}: expected a list of {n} numbers or an object keyed by feature name, "
                      f"got {_describe(row)}")
@@ -119,10 +121,12 @@ def _check_count(n: int, max_rows: int, what: str) -> None:
                          "(split the request, or raise MAX_ROWS)")
 
 
-def parse_instances(instances, feature_names: list[str], max_rows: int) -> np.ndarray:
-    """The rows of a request as float32 [n_rows, n_features]; BadRequest names the first problem."""
+def parse_instances(instances, feature_names: list[str], max_rows: int,
+                    ignored: frozenset = frozenset()) -> np.ndarray:
+    """The rows of a request as float32 [n_rows, n_features]; BadRequest names the first problem.
+    `ignored`: keys a record may carry that are not features (training left them out)."""
     _check_list(instances, max_rows, "row")
-    rows = [_row_values(i, row, feature_names) for i, row in enumerate(instances)]
+    rows = [_row_values(i, row, feature_names, ignored) for i, row in enumerate(instances)]
     # Fast path: one C-level pass over the types, then vectorized range checks.
     if not set(map(type, chain.from_iterable(rows))) <= NUMBER_TYPES:
         raise BadRequest(_first_bad_value(rows, feature_names))
@@ -202,28 +206,44 @@ def parse_images(instances, shape: tuple[int, int, int], max_rows: int) -> np.nd
     return np.array(instances, dtype=np.uint8)
 
 
-def parse_records(instances, columns: list[dict], max_rows: int) -> dict[str, np.ndarray]:
+def _numbers(values: list, text: bool) -> np.ndarray:
+    """Checked numeric values as float64, NaN for null. Text (in a column of numbers with text)
+    and integers beyond float64 go through number_or_nan, as training read them."""
+    if not text:
+        try:
+            return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+        except OverflowError:
+            pass
+    return np.array([number_or_nan(v) for v in values], dtype=np.float64)
+
+
+def parse_records(instances, columns: list[dict], max_rows: int,
+                  ignored: frozenset = frozenset()) -> dict[str, np.ndarray]:
     """Rows of a mixed table (records keyed by column name, or lists in training order) as the
-    graph's per-column inputs: numbers or null for numeric columns (null -> NaN, imputed in the
-    graph), text or null for categorical ones (null -> "", the missing category)."""
+    graph's per-column inputs. A numeric column takes a number or null; null, and a number the
+    graph cannot hold (beyond float32; NaN or an infinity from a lenient JSON writer), is a gap,
+    imputed in the graph, as training read such values. A column of numbers with text in it
+    (`"text": "missing"`) also takes text, read as training read it. A categorical column takes
+    text or null (null -> "", the missing category)."""
     _check_list(instances, max_rows, "row")
     names = [c["name"] for c in columns]
-    rows = [_row_values(i, row, names) for i, row in enumerate(instances)]
+    rows = [_row_values(i, row, names, ignored) for i, row in enumerate(instances)]
     feeds = {}
     for j, column in enumerate(columns):
         values = [row[j] for row in rows]
         if column["type"] == "numeric":
+            allowed = (NUMBER_TYPES | {str}) if column.get("text") == "missing" else NUMBER_TYPES
             for i, v in enumerate(values):
-                if v is not None and not _is_number(v):
+                if v is not None and type(v) not in allowed:
                     raise BadRequest(f"row {i}, column {column['name']!r}: expected a number or "
                                      f"null, got {_describe(v)}")
-            feeds[column["name"]] = np.array([np.nan if v is None else v for v in values],
-                                             dtype=np.float32).reshape(-1, 1)
+            numbers = _numbers(values, text=column.get("text") == "missing")
+            feeds[column_input(column)] = finite_float32(numbers).astype(np.float32).reshape(-1, 1)
         else:
             for i, v in enumerate(values):
                 if v is not None and type(v) not in (str, int, bool):
                     raise BadRequest(f"row {i}, column {column['name']!r}: expected text or null, "
                                      f"got {_describe(v)}")
-            feeds[column["name"]] = np.array([category_text(v) for v in values],
-                                             dtype=object).reshape(-1, 1)
+            feeds[column_input(column)] = np.array([category_text(v) for v in values],
+                                                   dtype=object).reshape(-1, 1)
     return feeds

@@ -14,7 +14,7 @@ from pathlib import Path
 import bentoml
 
 from training.contract import (MODALITY_METADATA, OUTPUTS, PIPELINE_LABEL, REQUIRED_METADATA,
-                               decode_metadata)
+                               column_input, decode_metadata)
 
 
 def fail(message: str):
@@ -67,7 +67,7 @@ def inputs_match_card(session, card: dict) -> str | None:
     """What differs between the graph's inputs and the card, if anything."""
     got = {i.name: i.shape[1:] for i in session.get_inputs()}
     if card.get("columns"):
-        expected = {c["name"]: [1] for c in card["columns"]}
+        expected = {column_input(c): [1] for c in card["columns"]}
     elif card.get("image"):
         im = card["image"]
         expected = {card["input"]: [im["channels"], im["height"], im["width"]]}

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.contract import column_input
 from training.drift import Layout, image_features
 from training.drift_stats import VERDICTS, Comparison, Settings
 
@@ -142,9 +143,9 @@ class Monitor:
         if self.modality == "table":
             X = feeds[self.input]
             return (X if self.picked is None else X[:, self.picked]), {}
-        numeric = [feeds[c["name"]][:, 0] for c in self.columns if c["type"] == "numeric"]
+        numeric = [feeds[column_input(c)][:, 0] for c in self.columns if c["type"] == "numeric"]
         return (np.stack(numeric, axis=1) if numeric else None,
-                {i: feeds[c["name"]][:, 0].tolist() for i, c in enumerate(self.columns)
+                {i: feeds[column_input(c)][:, 0].tolist() for i, c in enumerate(self.columns)
                  if c["type"] == "categorical"})
 
     def observe(self, feeds: dict[str, np.ndarray]) -> None:

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, create_model
 
-from service.inputs import FLOAT32_MAX
-Number = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+# Mixed tables: a number beyond float32 is a gap, as training read it (service/inputs.py).
+Number = Annotated[float, Field(allow_inf_nan=False)]
 Pixel = Annotated[int, Field(ge=0, le=255)]
 
 
@@ -18,10 +18,18 @@ def _exactly(item, n: int):
     return Annotated[list[item], Field(min_length=n, max_length=n)]
 
 
-def _record(name: str, fields: dict[str, Any]):
-    """A JSON object with exactly these keys (feature names need not be Python identifiers)."""
+def _record(name: str, fields: dict[str, Any], optional: list[str]):
+    """A JSON object with exactly these keys, and any of the optional ones with any value
+    (feature names need not be Python identifiers)."""
     spec = {f"f{i}": (kind, Field(..., alias=key)) for i, (key, kind) in enumerate(fields.items())}
+    spec.update({f"o{i}": (Any, Field(None, alias=key)) for i, key in enumerate(optional)})
     return create_model(name, __config__=ConfigDict(extra="forbid", populate_by_name=False), **spec)
+
+
+def _column_type(column: dict):
+    if column["type"] != "numeric":
+        return str | None
+    return Number | str | None if column.get("text") == "missing" else Number | None
 
 
 def instances_type(meta: dict, max_rows: int):
@@ -31,8 +39,8 @@ def instances_type(meta: dict, max_rows: int):
         im = meta["image"]
         row = _exactly(_exactly(_exactly(Pixel, im["width"]), im["height"]), im["channels"])
     elif meta.get("columns"):
-        row = _record("Record", {c["name"]: Number | None if c["type"] == "numeric" else str | None
-                                 for c in meta["columns"]})
+        row = _record("Record", {c["name"]: _column_type(c) for c in meta["columns"]},
+                      [c["name"] for c in meta.get("left_out") or ()])
     else:
         # A row is a list of numbers or a record. Not written as a union: BentoML's Python client
         # coerces every item into the union's first member, which breaks the other form.

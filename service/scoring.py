@@ -13,7 +13,7 @@ from service import monitor
 from service.inputs import BadRequest, parse_body, parse_images, parse_instances, parse_npy, parse_records
 from training.contract import OUTPUTS
 
-PUBLIC_METADATA = ("model", "task", "modality", "input", "outputs", "feature_names", "columns", "image",
+PUBLIC_METADATA = ("model", "task", "modality", "input", "outputs", "feature_names", "columns", "left_out", "image",
                    "classes", "normalization", "target_normalization", "metrics", "versions",
                    "created_at", "schema_version")
 
@@ -25,6 +25,8 @@ class Scorer:
         self.feature_names, self.classes = meta["feature_names"], meta["classes"]
         self.input, self.image = meta["input"], meta.get("image")
         self.columns = meta.get("columns")  # mixed tables: one graph input per column
+        # Columns of the training file that the model does not take: a record may carry them.
+        self.ignored = frozenset(c["name"] for c in meta.get("left_out") or ())
         self.outputs = OUTPUTS[self.task]
         self.shape = ((self.image["channels"], self.image["height"], self.image["width"]) if self.image
                       else (len(self.feature_names),))
@@ -51,8 +53,8 @@ class Scorer:
         if self.image:
             return {self.input: parse_images(instances, self.shape, self.max_rows)}
         if self.columns:
-            return parse_records(instances, self.columns, self.max_rows)
-        return {self.input: parse_instances(instances, self.feature_names, self.max_rows)}
+            return parse_records(instances, self.columns, self.max_rows, self.ignored)
+        return {self.input: parse_instances(instances, self.feature_names, self.max_rows, self.ignored)}
 
     def check_npy(self, body: bytes) -> dict[str, np.ndarray]:
         if self.columns:

@@ -117,7 +117,8 @@ class Predictor:
             if not SCORER.image:
                 raise BadRequest(f"this model takes table rows, not images: POST them to {PREDICT_ROUTE}")
             c, h, w = SCORER.shape
-            pixels = read_image(image.read_bytes(), c, (h, w) if SCORER.image["resize"] else None)
+            pixels = read_image(image.read_bytes(), c, (h, w) if SCORER.image["resize"] else None,
+                                SCORER.image.get("fit", "stretch"))
             if pixels.shape != SCORER.shape:
                 raise BadRequest(f"the image is {pixels.shape[2]}x{pixels.shape[1]} pixels; this model "
                                  f"takes {w}x{h} (it was trained without --image-size, so uploads "

@@ -97,9 +97,9 @@ def test_statistics_come_from_training_rows_only(mixed_model):
 
 def test_graph_takes_raw_columns_and_matches_the_pytorch_pipeline(mixed_model):
     session = ort.InferenceSession(str(mixed_model.model_dir / "model.onnx"))
-    assert {i.name: i.type for i in session.get_inputs()} == {
-        "bill": "tensor(float)", "mass": "tensor(float)", "island": "tensor(string)",
-        "sex": "tensor(string)", "year": "tensor(string)"}
+    assert {i.name: i.type for i in session.get_inputs()} == {  # c<position>_<name>
+        "c0_bill": "tensor(float)", "c1_mass": "tensor(float)", "c2_island": "tensor(string)",
+        "c3_sex": "tensor(string)", "c4_year": "tensor(string)"}
     frame = odd_rows(mixed_model)
     probabilities, _ = session.run(None, encoding.column_feeds(frame, mixed_model.data.table.columns))
     np.testing.assert_allclose(probabilities, torch_reference(mixed_model, frame), atol=1e-5)
@@ -219,8 +219,9 @@ def test_integer_codes_are_one_hot_encoded_beside_the_number(tmp_path):
     with pytest.warns(UserWarning, match=r"integer code column\(s\) store: over 128 distinct values"):
         table = to_table(frame, "sales", None, "regression", "t")
     assert table.modality == "mixed"  # numbers only, yet one input per column
-    assert table.columns == [{"name": "store", "type": "numeric", "codes": True},
-                             {"name": "price", "type": "numeric"}, {"name": "weekday", "type": "numeric"}]
+    assert table.columns == [{"name": "store", "input": "c0_store", "type": "numeric", "codes": True},
+                             {"name": "price", "input": "c1_price", "type": "numeric"},
+                             {"name": "weekday", "input": "c2_weekday", "type": "numeric"}]
     assert to_table(frame, "sales", None, "regression", "t", numeric=["store"]).modality == "table"
     few = frame.assign(store=frame.store % 100)  # 100 values: the quantile map resolves each
     assert to_table(few, "sales", None, "regression", "t").modality == "table"
@@ -243,7 +244,7 @@ def test_integer_codes_are_one_hot_encoded_beside_the_number(tmp_path):
     assert store["median"] == pytest.approx(train.store.median())  # the number is kept too
     session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
     assert {i.name: i.type for i in session.get_inputs()} == {
-        "store": "tensor(float)", "price": "tensor(float)", "weekday": "tensor(float)"}
+        "c0_store": "tensor(float)", "c1_price": "tensor(float)", "c2_weekday": "tensor(float)"}
     odd = result.data.split.X_test.head(8).copy()
     odd.loc[0, "store"], odd.loc[1, "store"] = np.nan, 99_999  # missing, and a code never seen
     out = session.run(None, encoding.column_feeds(odd, result.data.table.columns))[0]

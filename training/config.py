@@ -37,8 +37,11 @@ class Config:
     data: str | None = _opt(None, "CSV or Parquet file to train on (needs --target)")
     target: str | None = _opt(None, "target column of --data")
     images: str | None = _opt(None, "folder of images to train on, one sub-folder per class (PNG/JPEG)")
-    image_size: int | None = _opt(None, "resize every image to N x N (default: keep the size, "
-                                        "which must then be the same for all)")
+    image_size: int | None = _opt(None, "bring every image to N x N: scaled to cover it, then "
+                                        "centre-cropped (default: keep the size if all images share "
+                                        "it, else the median shorter side, at most 224)")
+    max_broken_images: float = _opt(0.01, "the largest share of image files that may be unreadable "
+                                          "(they are skipped with a notice); above it the run stops")
     features: list[str] | None = _opt(None, "comma-separated feature columns (default: all but the target)")
     categorical: list[str] | None = _opt(None, "comma-separated columns to treat as categories "
                                                "(default: text columns)")
@@ -115,6 +118,8 @@ class Config:
             raise ConfigError("give either --data (a table) or --images (a folder), not both")
         if self.image_size is not None and not 4 <= self.image_size <= 1024:
             raise ConfigError("--image-size must be between 4 and 1024")
+        if not 0 <= self.max_broken_images < 1:
+            raise ConfigError("--max-broken-images must be a share, at least 0 and below 1")
         if self.data and not self.target:
             raise ConfigError("--data needs --target: name the column to predict")
         if self.is_images and NORMALIZERS[self.normalizer][1] is None:

@@ -7,6 +7,9 @@ it: float32 [batch, 1] (NaN = missing) or string [batch, 1] ("" = missing). Outp
 target's units. Every metadata entry is a JSON value.
 """
 import json
+import math
+
+import numpy as np
 
 SCHEMA_VERSION = 1
 PIPELINE_LABEL = "normserve"  # the BentoML store label of models this project trained
@@ -25,6 +28,34 @@ def encode_metadata(metadata: dict) -> dict[str, str]:
 def decode_metadata(custom_map: dict[str, str]) -> dict:
     """Metadata read back from onnx or onnxruntime (`session.get_modelmeta().custom_metadata_map`)."""
     return {k: json.loads(v) for k, v in custom_map.items()}
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def column_input(column: dict) -> str:
+    """A mixed table's column: the name of its graph input (models from before the graph's own
+    input names were recorded take the column's name)."""
+    return column.get("input", column["name"])
+
+
+def finite_float32(values) -> np.ndarray:
+    """Numbers as a numeric column feeds them to the graph, in training and serving alike: NaN
+    (missing) for a value that is missing, infinite or beyond the float32 range."""
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.abs(values) <= FLOAT32_MAX, values, np.nan)
+
+
+def number_or_nan(value) -> float:
+    """One value of a numeric column (a number, null, or, in a column of numbers with some text in
+    it, text) as a float; NaN when it is missing or text that is not a number."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (ValueError, OverflowError):  # text that is not a number; an integer beyond float64
+        return math.nan
 
 
 def category_text(value) -> str:

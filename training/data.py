@@ -13,11 +13,10 @@ import pandas as pd
 from sklearn import datasets as skdatasets
 from sklearn.model_selection import train_test_split
 
-from training.contract import category_text
+from training.columns import graph_input, sort_columns
 from training.files import read_table
-from training.rules import (CODE_MIN_VALUES, MIN_TRAIN_ROWS, DataError, DataNote, Target,
-                            check_float32, check_rows, count, is_code_column, is_near_unique,
-                            is_number_column, json_label, names, too_few_to_split)
+from training.rules import (MIN_TRAIN_ROWS, DataError, DataNote, Target, check_rows, json_label,
+                            names, too_few_to_split)
 
 
 @dataclass
@@ -34,6 +33,7 @@ class Table:
     modality: str = "table"     # "table" (numbers, complete) | "mixed" (categories, gaps) | "image"
     resize: bool = False        # images: resized to a fixed size when read
     columns: list[dict] | None = None  # mixed: [{"name", "type": "numeric" | "categorical"}]
+    left_out: list[dict] | None = None  # the file's other columns: [{"name", "reason"}] (tables)
 
 
 @dataclass
@@ -85,22 +85,13 @@ def is_row_id(name: str, values: pd.Series) -> bool:
     return (name in ID_NAMES or name.endswith("_id")) and values.is_unique and len(values) > 1
 
 
-def column_types(frame: pd.DataFrame, features: list[str], categorical, numeric) -> dict[str, str]:
-    """'numeric' or 'categorical' per feature: forced by the options, else by the data."""
+def check_forced(features: list, categorical, numeric) -> None:
+    """--categorical and --numeric name features, and no column both."""
     categorical, numeric = set(categorical or ()), set(numeric or ())
-    if unknown := sorted((categorical | numeric) - set(features)):
+    if unknown := sorted((categorical | numeric) - set(features), key=str):
         raise DataError(f"--categorical/--numeric name column(s) that are not features: {names(unknown)}")
-    if both := sorted(categorical & numeric):
+    if both := sorted(categorical & numeric, key=str):
         raise DataError(f"column(s) both --categorical and --numeric: {names(both)}")
-    types = {}
-    for c in features:
-        is_number = is_number_column(frame[c])
-        if c in numeric and not is_number:
-            converted = pd.to_numeric(frame[c], errors="coerce")
-            bad = int((converted.isna() & frame[c].notna()).sum())
-            raise DataError(f"--numeric column {c!r} has {count(bad)} that are not numbers")
-        types[c] = "categorical" if c in categorical or not is_number else "numeric"
-    return types
 
 
 def select_features(frame: pd.DataFrame, target: str, features: list[str] | None, drop) -> list:
@@ -130,10 +121,24 @@ def select_features(frame: pd.DataFrame, target: str, features: list[str] | None
     return features
 
 
+def not_features(frame: pd.DataFrame, target: str, features: list, drop) -> dict[str, str]:
+    """Why each column of the file that is not a feature is not one (the service accepts these
+    in a record and ignores them)."""
+    def reason(c) -> str:
+        if c == target:
+            return "target"
+        if c in (drop or ()):
+            return "--drop"
+        return "row id" if is_row_id(c, frame[c]) else "not in --features"
+    return {str(c): reason(c) for c in frame.columns if c not in features}
+
+
 def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task: str,
              source: str, categorical=None, numeric=None, drop=None) -> Table:
     """Check the frame and encode it; every problem is a DataError naming the columns."""
     features = select_features(frame, target, features, drop)
+    check_forced(features, categorical, numeric)
+    left_out = not_features(frame, target, features, drop)
 
     missing_target = frame[target].isna()
     dropped = int(missing_target.sum())
@@ -142,43 +147,28 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     if len(frame) < MIN_TRAIN_ROWS:
         raise DataError(f"too few rows ({len(frame)}) to train on; need at least {MIN_TRAIN_ROWS + 2}")
 
-    types = column_types(frame, features, categorical, numeric)
-    if texts := [c for c in features if types[c] == "categorical" and c not in (categorical or ())
-                 and is_near_unique(frame[c])]:
-        warnings.warn(f"dropped near-unique text column(s) {', '.join(map(str, texts))}: most values "
-                      "are distinct, nothing to learn as categories (keep with --categorical)", DataNote)
-        features = [c for c in features if c not in texts]
-        if not features:
-            raise DataError("no feature columns left: every feature is a near-unique text column")
-    numbers = [c for c in features if types[c] == "numeric"]
-    X_num = frame[numbers].apply(pd.to_numeric).to_numpy(dtype=np.float64)
-    if (inf := np.isinf(X_num).sum(axis=0)).any():
-        cols = [f"{c} ({count(n)})" for c, n in zip(numbers, inf) if n]
-        raise DataError(f"feature column(s) have infinite values: {names(cols)}")
-    codes = [c for c in numbers if c not in (numeric or ()) and is_code_column(frame[c])]
-    if codes:
-        warnings.warn(f"integer code column(s) {', '.join(map(str, codes))}: over {CODE_MIN_VALUES} "
-                      "distinct values, each in several rows; one-hot encoded beside the number "
-                      "(keep a number only with --numeric)", DataNote)
-    mixed = len(numbers) < len(features) or bool(np.isnan(X_num).any()) or bool(codes)
+    sorted_columns = sort_columns(frame, features, categorical, numeric)
+    kept = sorted_columns.kept
+    left_out.update(sorted_columns.left_out)
+    mixed = any(c.type == "categorical" or c.codes or c.text or np.isnan(c.values).any() for c in kept)
     if mixed:
         # Categories as text (a missing one is its own value, ""); numbers as floats with NaN.
-        X = pd.DataFrame({str(c): (frame[c].astype(object).map(category_text)
-                                   if types[c] == "categorical"
-                                   else pd.to_numeric(frame[c]).astype(np.float64))
-                          for c in features})
-        X = X.reset_index(drop=True)
-        columns = [{"name": str(c), "type": types[c], **({"codes": True} if c in codes else {})}
-                   for c in features]
+        X = pd.DataFrame({c.name: c.values for c in kept})
+        columns = [{"name": c.name, "input": graph_input(i, c.name), "type": c.type,
+                    **({"codes": True} if c.codes else {}),
+                    **({"text": "missing"} if c.text else {})} for i, c in enumerate(kept)]
     else:
-        X, columns = X_num, None
-    check_float32(X_num)
+        X, columns = np.column_stack([c.values for c in kept]), None
 
     target_summary = Target(target).add(frame[target])
     task, classes = target_summary.settle(task)
-    return Table(X=X, y=target_summary.encode(frame[target], task),
-                 feature_names=[str(f) for f in features], task=task, classes=classes, source=source,
-                 dropped_rows=dropped, modality="mixed" if mixed else "table", columns=columns)
+    y = target_summary.encode(frame[target], task)
+    if task == "classification" and (single := np.flatnonzero(np.bincount(y, minlength=len(classes)) == 1)).size:
+        warnings.warn(f"class(es) with a single row: {names(classes[i] for i in single)}; such a class "
+                      "cannot be validated (one row cannot be both trained on and held out)", DataNote)
+    return Table(X=X, y=y, feature_names=[c.name for c in kept], task=task, classes=classes,
+                 source=source, dropped_rows=dropped, modality="mixed" if mixed else "table",
+                 columns=columns, left_out=[{"name": c, "reason": r} for c, r in left_out.items()])
 
 
 def image_table(X: np.ndarray, labels: list, classes: list, source: str, resize: bool) -> Table:
@@ -193,8 +183,9 @@ def load_table(cfg) -> Table:
     from training.images import ImageError, digits_images, load_image_folder
     try:
         if cfg.images:
-            return image_table(*load_image_folder(cfg.images, cfg.image_size), cfg.images,
-                               resize=cfg.image_size is not None)
+            X, labels, classes, resized = load_image_folder(cfg.images, cfg.image_size,
+                                                            cfg.max_broken_images, cfg.progress)
+            return image_table(X, labels, classes, cfg.images, resize=resized)
         if cfg.dataset == "digits-images" and not cfg.data:
             return image_table(*digits_images(), "sklearn:digits-images", resize=False)
     except ImageError as e:

@@ -8,8 +8,9 @@ rare category, or one never seen in training, is all zeros, not an error. Intege
 (training/rules.py: a person, a store) are numeric columns that are also one-hot encoded over their
 frequent training values, as a category column is (a missing or unseen value: all zeros). The
 output has the numeric columns first, then the categories' one-hot columns, then the codes'. The
-graph takes one input per column, named after it: float32 [batch, 1] (NaN = missing) or string
-[batch, 1].
+graph takes one input per column (training/columns.py: graph_input names it): float32 [batch, 1]
+(NaN = missing) or string [batch, 1]. The encoder is fitted and run on frames whose columns carry
+those input names, so that its ONNX conversion takes them unchanged.
 """
 from __future__ import annotations
 
@@ -21,9 +22,17 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
+from training.contract import column_input
+
 
 def names(columns: list[dict], kind: str) -> list[str]:
-    return [c["name"] for c in columns if c["type"] == kind]
+    """The graph inputs of the columns of one kind."""
+    return [column_input(c) for c in columns if c["type"] == kind]
+
+
+def by_input(frame: pd.DataFrame, columns: list[dict]) -> pd.DataFrame:
+    """The table's columns under their graph input names."""
+    return pd.DataFrame({column_input(c): frame[c["name"]] for c in columns})
 
 
 # A column's categories get a one-hot column each when they have at least MIN_CATEGORY_ROWS training
@@ -40,11 +49,12 @@ def kept_categories(values: pd.Series, most: int = MAX_CATEGORIES) -> list:
 
 
 def code_names(columns: list[dict]) -> list[str]:
-    return [c["name"] for c in columns if c.get("codes")]
+    return [column_input(c) for c in columns if c.get("codes")]
 
 
 def fit_encoder(frame: pd.DataFrame, columns: list[dict]) -> ColumnTransformer:
     """Fitted on the rows given (the training split) only."""
+    frame = by_input(frame, columns)
     numeric = SimpleImputer(strategy="median")
     categorical = OneHotEncoder(categories=[kept_categories(frame[c]) for c in names(columns, "categorical")],
                                 handle_unknown="ignore", sparse_output=False, dtype=np.float64)
@@ -63,20 +73,20 @@ def fit_encoder(frame: pd.DataFrame, columns: list[dict]) -> ColumnTransformer:
     return ColumnTransformer([s for s in steps if s[2]]).fit(frame)
 
 
-def transform(pre: ColumnTransformer, frame: pd.DataFrame) -> np.ndarray:
-    return np.asarray(pre.transform(frame), dtype=np.float32)
+def transform(pre: ColumnTransformer, frame: pd.DataFrame, columns: list[dict]) -> np.ndarray:
+    return np.asarray(pre.transform(by_input(frame, columns)), dtype=np.float32)
 
 
 def column_feeds(frame: pd.DataFrame, columns: list[dict]) -> dict[str, np.ndarray]:
     """The graph's inputs for the rows of a frame: one [n, 1] array per column."""
-    return {c["name"]: (frame[[c["name"]]].to_numpy(np.float32) if c["type"] == "numeric"
-                        else frame[[c["name"]]].to_numpy(str).astype(object))
+    return {column_input(c): (frame[[c["name"]]].to_numpy(np.float32) if c["type"] == "numeric"
+                              else frame[[c["name"]]].to_numpy(str).astype(object))
             for c in columns}
 
 
 def learned(pre: ColumnTransformer, columns: list[dict]) -> dict[str, dict]:
-    """What was learned from the training split, per column: a median or the categories (and for a
-    code column, how many codes have a one-hot column)."""
+    """What was learned from the training split, per column input: a median or the categories
+    (and for a code column, how many codes have a one-hot column)."""
     out = {}
     if "numeric" in pre.named_transformers_:
         medians = pre.named_transformers_["numeric"].statistics_
@@ -102,7 +112,7 @@ def export_encoder(pre: ColumnTransformer, columns: list[dict], like: onnx.Model
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
     opset = next(o.version for o in like.opset_import if o.domain in ("", "ai.onnx"))
-    types = [(c["name"], FloatTensorType([None, 1]) if c["type"] == "numeric"
+    types = [(column_input(c), FloatTensorType([None, 1]) if c["type"] == "numeric"
               else StringTensorType([None, 1])) for c in columns]
     proto = convert_sklearn(pre, initial_types=types, target_opset={"": min(opset, 18), "ai.onnx.ml": 3})
     proto = version_converter.convert_version(proto, opset)

@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DataNote)
             result = run(cfg)
-        for w in caught:
-            if issubclass(w.category, DataNote) and main_rank:  # ours; library chatter stays quiet
-                print(f"note: {w.message}", file=sys.stderr)
+        notes = [str(w.message) for w in caught if issubclass(w.category, DataNote)]
+        for note in dict.fromkeys(notes) if main_rank else ():  # ours, once each; library chatter stays quiet
+            print(f"note: {note}", file=sys.stderr)
     except (DataError, ConfigError, ExportError) as e:
         if main_rank:
             print(f"error: {e}", file=sys.stderr)

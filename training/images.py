@@ -18,55 +18,109 @@ class ImageError(ValueError):
     """An image that cannot be read as the model needs it; the message says why."""
 
 
-def read_image(source: str | Path | bytes, channels: int, size: tuple[int, int] | None) -> np.ndarray:
-    """Decode, convert to `channels` (1 gray, 3 RGB) and, if `size` (height, width) is given,
-    resize with bilinear filtering. Returns uint8 [channels, height, width]."""
+def fitted(img: Image.Image, size: tuple[int, int], fit: str) -> Image.Image:
+    """`img` at `size` (height, width): "crop" scales it to cover the size, keeping its aspect,
+    then takes the centre (torchvision's Resize then CenterCrop); "stretch" resizes it to the size
+    (models trained before crop became the way)."""
+    h, w = size
+    if fit == "stretch":
+        return img.resize((w, h), Image.Resampling.BILINEAR)
+    scale = max(h / img.height, w / img.width)
+    scaled = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+    if scaled != img.size:
+        img = img.resize(scaled, Image.Resampling.BILINEAR)
+    top, left = int(round((img.height - h) / 2)), int(round((img.width - w) / 2))
+    return img.crop((left, top, left + w, top + h))
+
+
+def read_image(source: str | Path | bytes, channels: int, size: tuple[int, int] | None,
+               fit: str = "crop") -> np.ndarray:
+    """Decode, convert to `channels` (1 gray, 3 RGB) and, if `size` (height, width) is given and
+    differs, bring it to that size (`fitted`). Returns uint8 [channels, height, width]."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img = img.convert(MODES[channels])
             if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                img = fitted(img, size, fit)
             array = np.array(img, dtype=np.uint8)  # a writable copy
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         name = "the upload" if isinstance(source, bytes) else str(source)
         raise ImageError(f"{name} is not a readable PNG or JPEG image ({type(e).__name__})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def folder_channels(files: list[Path]) -> int:
-    """1 if every image is grayscale, else 3."""
+GRAY_MODES = ("L", "LA", "1", "I", "I;16", "F")
+MAX_AUTO_SIZE = 224  # images of different sizes: the median shorter side, at most this
+
+
+def survey(files: list[Path]) -> tuple[dict[Path, tuple[int, int]], dict[Path, str], list[Path]]:
+    """Each file's (height, width) and mode from its header alone (nothing decoded), and the files
+    that are not images."""
+    sizes, modes, broken = {}, {}, []
     for f in files:
         try:
             with Image.open(f) as img:
-                if img.mode not in ("L", "LA", "1", "I", "I;16", "F"):
-                    return 3
-        except (UnidentifiedImageError, OSError):
-            raise ImageError(f"{f} is not a readable PNG or JPEG image") from None
-    return 1
+                sizes[f], modes[f] = (img.height, img.width), img.mode
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            broken.append(f)
+    return sizes, modes, broken
 
 
-def load_image_folder(root: str, size: int | None):
-    """A folder with one sub-folder per class. Returns (X uint8 [N, C, H, W], labels, classes)."""
+def typical_size(sizes) -> int:
+    """The side of the square images of different sizes are brought to."""
+    return int(min(np.median([min(hw) for hw in sizes]), MAX_AUTO_SIZE))
+
+
+def load_image_folder(root: str, size: int | None, max_broken: float = 0.01, progress: bool = False):
+    """A folder with one sub-folder per class. Returns (X uint8 [N, C, H, W], labels, classes,
+    whether the images were resized). A file that cannot be read is skipped with a notice; more
+    than `max_broken` of them is an error."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from training.rules import DataNote, names
     base = Path(root)
     if not base.is_dir():
         raise ImageError(f"image folder not found: {root}")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = {c: sorted(f for f in (base / c).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+    files = {c: sorted(f for f in (base / c).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
+                       and not f.name.startswith("."))
              for c in classes}
-    files = {c: fs for c, fs in files.items() if fs}
-    if len(files) < 2:
-        raise ImageError(f"{root} needs one sub-folder per class with PNG/JPEG files in it, and at "
-                         f"least two classes; found {len(files)}")
     everything = [f for fs in files.values() for f in fs]
-    channels = folder_channels(everything)
-    hw = (size, size) if size else None
-    images = [read_image(f, channels, hw) for f in everything]
-    if len({im.shape for im in images}) > 1:
-        shapes = sorted({f"{im.shape[2]}x{im.shape[1]}" for im in images})
-        raise ImageError(f"images in {root} have different sizes ({', '.join(shapes[:4])}); "
-                         "pass --image-size N to resize them all to N x N")
-    labels = [c for c, fs in files.items() for _ in fs]
-    return np.stack(images), labels, list(files)
+    sizes, modes, broken = survey(everything)
+    hw = None
+    if size:
+        hw = (size, size)
+    elif len(set(sizes.values())) > 1:
+        side = typical_size(sizes.values())
+        hw = (side, side)
+        warnings.warn(f"images in {root} have different sizes ({len(set(sizes.values()))} sizes); each is "
+                      f"scaled and centre-cropped to {side}x{side} (the median shorter side, at most "
+                      f"{MAX_AUTO_SIZE}), as the service will do with uploads; --image-size N picks "
+                      "another size", DataNote)
+    channels = 1 if all(m in GRAY_MODES for m in modes.values()) else 3
+    images, labels = [], []
+    readable = [(c, f) for c, fs in files.items() for f in fs if f in sizes]
+    for c, f in tqdm(readable, desc="read images", unit=" images", disable=not progress):
+        try:
+            images.append(read_image(f, channels, hw))
+            labels.append(c)
+        except ImageError:
+            broken.append(f)
+    if broken:
+        share = len(broken) / max(len(everything), 1)
+        listed = names(sorted(str(f.relative_to(base)) for f in broken))
+        if share > max_broken:
+            raise ImageError(f"{len(broken)} of {len(everything)} images in {root} cannot be read "
+                             f"({share:.1%}, more than --max-broken-images {max_broken:g}): {listed}")
+        warnings.warn(f"skipped {len(broken)} of {len(everything)} images that cannot be read: {listed}",
+                      DataNote)
+    found = sorted(set(labels))
+    if len(found) < 2:
+        raise ImageError(f"{root} needs one sub-folder per class with PNG/JPEG files in it, and at "
+                         f"least two classes; found {len(found)}")
+    return np.stack(images), labels, found, hw is not None
 
 
 def digits_images():

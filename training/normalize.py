@@ -20,6 +20,7 @@ import numpy as np
 from torch import nn
 
 from training import encoding
+from training.contract import column_input
 from training.layers import FirstColumns, PiecewiseLinear, SmoothClip, Standardize
 
 
@@ -208,12 +209,12 @@ class MixedColumns(Normalizer):
         return self
 
     def encode(self, frame) -> np.ndarray:
-        return encoding.transform(self.encoder_, frame)
+        return encoding.transform(self.encoder_, frame, self.columns)
 
     def metadata(self) -> dict:
         numeric = iter(self.numeric.per_feature() if self.n_numeric_ else [])
         learned = encoding.learned(self.encoder_, self.columns)
-        columns = [{**c, **learned[c["name"]], **(next(numeric) if c["type"] == "numeric" else {})}
+        columns = [{**c, **learned[column_input(c)], **(next(numeric) if c["type"] == "numeric" else {})}
                    for c in self.columns]
         return {"columns": columns, "normalization": {
             "method": self.numeric.name, "enabled": self.numeric.name != "none",

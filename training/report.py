@@ -31,9 +31,12 @@ def model_metadata(cfg, data, trained, metrics: dict) -> dict:
         "input": INPUTS[table.modality], "outputs": OUTPUTS[table.task],
         "feature_names": table.feature_names, "classes": table.classes,
         "image": {"channels": int(table.X.shape[1]), "height": int(table.X.shape[2]),
-                  "width": int(table.X.shape[3]), "resize": table.resize} if image else None,
+                  "width": int(table.X.shape[3]), "resize": table.resize,
+                  **({"fit": "crop"} if table.resize else {})} if image else None,
         "columns": None,
         **data.normalizer.metadata(),  # "normalization", and for mixed tables "columns"
+        # The file's columns the model does not take, and why: a request may carry them.
+        "left_out": table.left_out,
         "target_normalization": (None if table.task == "classification"
                                  else {"mean": data.y_mean, "scale": data.y_scale}),
         "metrics": metrics,

@@ -9,10 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from training.contract import FLOAT32_MAX
+
 MAX_CLASSES_FROM_NUMBERS = 20  # an integer-valued target with more distinct values is a regression
 MAX_CLASSES = 1000             # more distinct labels than this is not a classification target
 MIN_TRAIN_ROWS = 10  # fewer cannot fit a network, nor give BatchNorm meaningful batch statistics
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 # A text column whose values are nearly all distinct (e-mails, names, free text) cannot be learned
 # from as categories: more distinct values than this share of the rows (and than NEAR_UNIQUE_MIN).
 NEAR_UNIQUE_SHARE, NEAR_UNIQUE_MIN = 0.5, 20

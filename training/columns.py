@@ -1,0 +1,204 @@
+"""What each column of a table is: a number, a category, or left out and why. Decided once per
+table (in memory: the whole table; streamed: the first chunk), with a notice for everything left
+out or changed. docs/data.md lists the rules with examples.
+
+    empty                 every value missing                                  left out
+    constant              one value (numbers: one value and gaps)               left out
+    date or time          datetime types, or text in date/time formats          left out
+    row id / --drop / ... (training/data.py: select_features)                   left out
+    numeric               numbers; infinities and numbers beyond float32 are missing
+    numbers with text     text columns whose values are mostly numbers: the     numeric, text as missing
+                          text that is not a number reads as missing
+    near-unique text      text whose values are nearly all distinct             left out
+    categorical           text, booleans, Parquet categories
+    codes                 integer codes (training/rules.py: is_code_column)     numeric + one-hot
+
+Left-out columns are recorded in the model (`left_out`), and the service accepts them in a
+record and ignores them, so a client can send the file's own rows.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from training.contract import category_text, finite_float32, number_or_nan
+from training.rules import (CODE_MIN_VALUES, DataError, DataNote, count, is_code_column,
+                            is_near_unique, is_number_column, names)
+
+# A text column whose present values are at least this share numbers is a numeric column with
+# some text in it ("n/a", "?", "-"): the text reads as missing.
+NUMBERS_SHARE = 0.9
+# Dates and times people write: ISO 8601 (2024-01-31, 2024-01-31T08:15:00Z, 2024-01-31 08:15),
+# a time of day (08:15, 08:15:30), and day/month/year forms (31/01/2024, 31.01.24, 2024/01/31).
+DATE_TEXT = re.compile(r"""\s*(?:
+      \d{4}-\d{1,2}-\d{1,2}(?:[T\ ]\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}:?\d{2})?)?
+    | \d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?
+    | (?:\d{1,2}[/.]\d{1,2}[/.](?:\d{4}|\d{2})|\d{4}[/.]\d{1,2}[/.]\d{1,2})(?:\ \d{1,2}:\d{2}(?::\d{2})?)?
+    )\s*""", re.X)
+DATE_SAMPLE = 1000  # distinct values looked at to call a text column dates
+
+
+def graph_input(index: int, name: str) -> str:
+    """The graph input of a mixed table's index-th column: ONNX converters rewrite names that are
+    not identifiers (spaces, accents, other scripts), and two names can become one, so the graph
+    takes c<index>_<name in ASCII letters and digits>, unique by its index; the service maps the
+    file's own column names onto these (the model's `columns` list both)."""
+    plain = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()  # âge -> age
+    ascii_name = re.sub(r"[^0-9A-Za-z]+", "_", plain).strip("_")[:40]
+    return f"c{index}_{ascii_name}" if ascii_name else f"c{index}"
+
+
+@dataclass
+class Column:
+    """A kept feature and its values as the graph takes them: float64 numbers (NaN: missing) or
+    category texts ("": missing)."""
+    name: str
+    type: str                    # "numeric" | "categorical"
+    values: np.ndarray
+    codes: bool = False          # integer codes, also one-hot encoded (training/encoding.py)
+    text: bool = False           # numbers with some text in it: the text reads as missing
+
+
+@dataclass
+class Columns:
+    kept: list[Column]
+    left_out: dict[str, str] = field(default_factory=dict)  # column -> why (for the model and docs)
+
+
+def is_date_column(values: pd.Series) -> bool:
+    """Datetime and duration types, date/time objects, or text that is all dates or times."""
+    dtype = values.dtype
+    if (pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_timedelta64_dtype(dtype)
+            or isinstance(dtype, pd.PeriodDtype)):
+        return True
+    if is_number_column(values) or pd.api.types.is_bool_dtype(dtype):
+        return False
+    present = pd.unique(values.dropna().to_numpy(object))[:DATE_SAMPLE]
+    if not len(present):
+        return False
+    if all(isinstance(v, (dt.date, dt.time, dt.timedelta)) for v in present):
+        return True
+    return all(isinstance(v, str) and DATE_TEXT.fullmatch(v) for v in present)
+
+
+def _each_distinct(values: pd.Series, convert) -> pd.Series:
+    """`convert` applied once per distinct value (missing ones as None), mapped onto the rows."""
+    values = values.astype(object).where(values.notna(), None)
+    return values.map({v: convert(v) for v in pd.unique(values.to_numpy())})
+
+
+def text_numbers(values: pd.Series) -> np.ndarray:
+    """A text column's values as numbers (NaN: missing, or text that is not a number). Booleans
+    are not numbers."""
+    as_number = _each_distinct(values, lambda v: np.nan if isinstance(v, (bool, np.bool_)) else number_or_nan(v))
+    return finite_float32(as_number.to_numpy(np.float64))
+
+
+def numbers(values: pd.Series) -> np.ndarray:
+    """A numeric column's values as float64, infinities and values beyond float32 missing."""
+    return finite_float32(values.to_numpy(np.float64, na_value=np.nan))
+
+
+def texts(values: pd.Series) -> np.ndarray:
+    """A categorical column's values as the texts the graph compares ("" for missing)."""
+    return _each_distinct(values, category_text).to_numpy(object)
+
+
+def mostly_numbers(values: pd.Series, as_numbers: np.ndarray) -> bool:
+    present = values.notna().to_numpy()
+    return present.any() and (~np.isnan(as_numbers[present])).mean() >= NUMBERS_SHARE
+
+
+def sort_columns(frame: pd.DataFrame, features: list, categorical=(), numeric=()) -> Columns:
+    """Each feature column's kind, as the table at hand shows it (module docstring); notices for
+    what is left out or changed. --categorical and --numeric force a kind."""
+    categorical, numeric = set(categorical or ()), set(numeric or ())
+    out, why = Columns(kept=[]), {}
+    unreadable, text_missing, codes = {}, {}, []
+    for c in features:
+        values = frame[c]
+        if c in categorical:
+            out.kept.append(Column(str(c), "categorical", texts(values)))
+            continue
+        number_type = is_number_column(values)
+        if c in numeric and not number_type:
+            converted = text_numbers(values)
+            if bad := int((np.isnan(converted) & values.notna().to_numpy()).sum()):
+                raise DataError(f"--numeric column {c!r} has {count(bad)} that are not numbers")
+        if c not in numeric and not values.notna().any():
+            why[c] = "empty"
+            continue
+        if c not in numeric and is_date_column(values):
+            why[c] = "date or time"
+            continue
+        if number_type or c in numeric:
+            x = numbers(values) if number_type else text_numbers(values)
+            text = not number_type
+        else:
+            x = text_numbers(values)
+            text = mostly_numbers(values, x)
+        if number_type or text:
+            present = values.notna().to_numpy()
+            if n := int((np.isnan(x) & present).sum()):
+                (text_missing if text and c not in numeric else unreadable)[c] = n
+            distinct = pd.unique(x[~np.isnan(x)])
+            if c not in numeric and len(distinct) <= 1:
+                why[c] = "constant"
+                continue
+            is_codes = c not in numeric and is_code_column(pd.Series(x))
+            codes += [c] if is_codes else []
+            out.kept.append(Column(str(c), "numeric", x, codes=is_codes, text=text))
+            continue
+        t = texts(values)
+        if len(pd.unique(t)) <= 1:
+            why[c] = "constant"
+        elif is_near_unique(values):
+            why[c] = "near-unique text"
+        else:
+            out.kept.append(Column(str(c), "categorical", t))
+    _notify(why, unreadable, text_missing, codes)
+    out.left_out = {str(c): reason for c, reason in why.items()}
+    if not out.kept:
+        raise DataError("no feature columns left: " + "; ".join(
+            f"{names(cs)} {reason}" for reason, cs in _by_reason(why).items()))
+    return out
+
+
+def _by_reason(why: dict) -> dict[str, list]:
+    grouped: dict[str, list] = {}
+    for c, reason in why.items():
+        grouped.setdefault(reason, []).append(c)
+    return grouped
+
+
+LEFT_OUT_NOTES = {
+    "empty": "left out empty column(s) {} (every value missing)",
+    "constant": "left out constant column(s) {} (one value: nothing to learn)",
+    "date or time": "left out date/time column(s) {} (the model takes no dates; derive numbers such "
+                    "as the weekday or the hour as columns of their own to use them)",
+    "near-unique text": "dropped near-unique text column(s) {}: most values are distinct, nothing "
+                        "to learn as categories (keep with --categorical)",
+}
+
+
+def _notify(why: dict, unreadable: dict, text_missing: dict, codes: list) -> None:
+    for reason, cs in _by_reason(why).items():
+        warnings.warn(LEFT_OUT_NOTES[reason].format(", ".join(map(str, cs))), DataNote)
+    if unreadable:
+        warnings.warn("infinite values, or values beyond the float32 range the model computes in, "
+                      "read as missing: " + names(f"{c} ({count(n, 'value')})" for c, n in unreadable.items()),
+                      DataNote)
+    if text_missing:
+        warnings.warn("column(s) of numbers with some text, read as numbers with the text as missing: "
+                      + names(f"{c} ({count(n, 'text value')})" for c, n in text_missing.items())
+                      + " (keep as categories with --categorical)", DataNote)
+    if codes:
+        warnings.warn(f"integer code column(s) {', '.join(map(str, codes))}: over {CODE_MIN_VALUES} "
+                      "distinct values, each in several rows; one-hot encoded beside the number "
+                      "(keep a number only with --numeric)", DataNote)
