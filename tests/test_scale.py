@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def scan(cfg, world_size: int = 1) -> stream.Scan:
     """The streamed first pass, fitting a StandardScaling normalizer."""
-    return stream.scan(cfg, StandardScaling(), world_size)
+    return stream.scan(cfg, StandardScaling, world_size)
 
 
 @pytest.fixture(scope="module")
@@ -210,5 +210,5 @@ def test_torchrun_error_is_one_line_and_writes_nothing(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: --stream: column 'score' in data row 101 is missing; streaming takes "
                       "complete numeric feature columns (train without --stream to impute missing "
-                      "values and encode categories)"]
+                      "values and encode categories, or --drop the column)"]
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").rglob("model.onnx"))

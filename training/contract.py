@@ -58,10 +58,17 @@ def number_or_nan(value) -> float:
         return math.nan
 
 
+# Texts that mean a missing value (pandas' defaults when it reads a CSV file): training reads them
+# as missing in every file, and the service in every request.
+MISSING_TEXTS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                           "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+
+
 def category_text(value) -> str:
     """A categorical value as the text the graph compares: the same in training and serving
-    (5, 5.0 and "5" are one category; a missing value is "")."""
-    if value is None or (isinstance(value, float) and value != value):
+    (5, 5.0 and "5" are one category; a missing value, or a text in MISSING_TEXTS, is "")."""
+    if value is None or (isinstance(value, float) and value != value) or (
+            isinstance(value, str) and value in MISSING_TEXTS):
         return ""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))

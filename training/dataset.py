@@ -74,11 +74,11 @@ def pooled(split: Split) -> Split:
 
 
 def _streamed(cfg, world: World) -> Data:
-    s = world.share(lambda: stream.scan(cfg, make_normalizer(cfg.normalizer, "table"), world.size),
+    s = world.share(lambda: stream.scan(cfg, lambda: make_normalizer(cfg.normalizer, "table"), world.size),
                     public=lambda s: dataclasses.replace(s, split=None))
     n = len(s.features)
     table = Table(X=np.empty((0, n)), y=np.empty(0), feature_names=s.features, task=s.task,
-                  classes=s.classes, source=cfg.data, dropped_rows=s.dropped_rows)
+                  classes=s.classes, source=cfg.data, dropped_rows=s.dropped_rows, left_out=s.left_out)
     empty = {"X": np.empty((0, n)), "y": np.empty(0, np.int64)}  # ranks other than 0
     split = s.split or Split(**{f"{a}_{b}": empty[a] for b in ("train", "val", "test") for a in "Xy"},
                              stratified=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from training.contract import MISSING_TEXTS
 from training.rules import DataError, DataNote, check_rows
 
 PARQUET, CSV = (".parquet", ".pq"), (".csv", ".txt", ".tsv")
@@ -47,7 +48,7 @@ class TableFile:
 
     def csv_options(self) -> dict:
         return {"sep": self.sep, "decimal": self.decimal, "thousands": self.thousands,
-                "encoding": ENCODING}
+                "encoding": ENCODING, "na_values": MISSING_TEXTS, "keep_default_na": False}
 
 
 def parquet_parts(directory: Path) -> list[Path]:

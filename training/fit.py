@@ -87,6 +87,12 @@ def seconds_since_start() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli(argv)[0]
+
+
+def cli(argv: list[str] | None = None) -> tuple[int, Result | None]:
+    """What `python -m training.fit` does: the exit code (0, or 2 with one `error:` line on
+    stderr), and the run's result (tests look at both)."""
     start_up = seconds_since_start()
     main_rank = World.launched().main  # under torchrun every rank has the same errors and notes
     cfg = None
@@ -101,16 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, ExportError) as e:
         if main_rank:
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     except KeyboardInterrupt:
         resumable = cfg is not None and checkpoint_path(cfg).exists()
         print("interrupted; " + ("continue with --resume" if resumable else "nothing to resume (only "
               "one network, --folds 1, keeps a checkpoint)"), file=sys.stderr)
-        return 130
+        return 130, None
     if result is not None:
         result.card["timings"] = {"start-up and imports": round(start_up, 2), **result.card["timings"]}
         print(report.summary(result.card, result.model_dir, result.tag))
-    return 0
+    return 0, result
 
 
 if __name__ == "__main__":

@@ -19,14 +19,16 @@ class ImageError(ValueError):
 
 
 def fitted(img: Image.Image, size: tuple[int, int], fit: str) -> Image.Image:
-    """`img` at `size` (height, width): "crop" scales it to cover the size, keeping its aspect,
-    then takes the centre (torchvision's Resize then CenterCrop); "stretch" resizes it to the size
-    (models trained before crop became the way)."""
+    """`img` at `size` (height, width). "crop" (square sizes): the shorter side scaled to the size,
+    then the centre cut out, as torchvision's Resize(side) then CenterCrop(side) do it;
+    "stretch": resized to the size (models trained before crop became the way)."""
     h, w = size
     if fit == "stretch":
         return img.resize((w, h), Image.Resampling.BILINEAR)
-    scale = max(h / img.height, w / img.width)
-    scaled = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+    if img.width <= img.height:  # torchvision's rounding of the longer side: down
+        scaled = (w, int(w * img.height / img.width))
+    else:
+        scaled = (int(h * img.width / img.height), h)
     if scaled != img.size:
         img = img.resize(scaled, Image.Resampling.BILINEAR)
     top, left = int(round((img.height - h) / 2)), int(round((img.width - w) / 2))

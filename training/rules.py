@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from training.contract import FLOAT32_MAX
 
 MAX_CLASSES_FROM_NUMBERS = 20  # an integer-valued target with more distinct values is a regression
 MAX_CLASSES = 1000             # more distinct labels than this is not a classification target
@@ -59,12 +58,6 @@ def json_label(v):
     if isinstance(v, (np.floating, float)):
         return int(v) if float(v).is_integer() else float(v)
     return str(v)
-
-
-def check_float32(X: np.ndarray) -> None:
-    """Feature values the network can compute with (NaN, a missing value, passes)."""
-    if len(X) and np.nanmax(np.abs(X), initial=0) > FLOAT32_MAX:
-        raise DataError("feature values exceed the float32 range the model computes in")
 
 
 def is_near_unique(values: pd.Series) -> bool:

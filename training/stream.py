@@ -7,9 +7,16 @@ metrics. Each epoch reads the file again and trains from a
 bounded shuffle buffer. A row's split comes from a hash of its position in the file: no shuffle of
 the file, and the same split on every read and every rank. Under torchrun, rank r trains on the
 training rows whose position is r modulo the number of ranks.
+
+Columns are judged as in memory where one pass allows (training/columns.py): date/time columns,
+by the first chunk, are left out; infinities and numbers beyond float32 read as missing; a column
+that turns out empty or constant over the whole file is left out (the file is scanned again
+without it). A gap in any other column, or text, is an error: streaming takes complete numeric
+columns.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +24,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from training.data import Split, select_features
 from training.batches import batch_bounds
+from training.columns import LEFT_OUT_NOTES, is_date_column, numbers
+from training.data import Split, not_features, select_features
 from training.files import ChunkReader
 from training.normalize import Normalizer, StandardScaling
-from training.rules import (MIN_TRAIN_ROWS, DataError, Target, check_float32, check_rows,
-                            too_few_to_split)
+from training.rules import (MIN_TRAIN_ROWS, DataError, DataNote, Target, check_rows,
+                            is_number_column, names, too_few_to_split)
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
 _MASK = (1 << 64) - 1
@@ -55,20 +63,56 @@ def labelled_chunks(reader: ChunkReader, cfg, features: list[str], order_seed=No
                int((~keep).sum()))
 
 
+STREAM_ONLY = ("streaming takes complete numeric feature columns (train without --stream to "
+               "impute missing values and encode categories, or --drop the column)")
+
+
 def numeric_features(frame: pd.DataFrame, features: list[str], positions: np.ndarray) -> np.ndarray:
-    """The feature columns as float64. Streaming takes complete numeric columns only: imputing and
-    one-hot encoding are fitted on the whole table, in memory."""
-    X = frame[features].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    if not np.isfinite(X).all():
-        row, col = map(int, np.argwhere(~np.isfinite(X))[0])
-        raw, name = frame[features[col]].iloc[row], features[col]
-        what = ("is missing" if pd.isna(raw) else "is infinite" if np.isinf(X[row, col])
-                else f"is not a number ({raw!r})")
-        raise DataError(f"--stream: column {name!r} in data row {positions[row] + 1} {what}; "
-                        "streaming takes complete numeric feature columns (train without --stream "
-                        "to impute missing values and encode categories)")
-    check_float32(X)
-    return X
+    """The feature columns as float64, as in memory: infinities and numbers beyond float32 are
+    missing (NaN). Text is an error at once."""
+    return np.column_stack([numbers(frame[c]) if is_number_column(frame[c])
+                            else _text_column(frame, c, positions) for c in features])
+
+
+def _text_column(frame: pd.DataFrame, name: str, positions: np.ndarray) -> np.ndarray:
+    values = frame[name]
+    converted = pd.to_numeric(values, errors="coerce")
+    if (bad := np.flatnonzero(converted.isna().to_numpy() & values.notna().to_numpy())).size:
+        raise DataError(f"--stream: column {name!r} in data row {positions[bad[0]] + 1} is not a number "
+                        f"({values.iloc[bad[0]]!r}); {STREAM_ONLY}")
+    return numbers(converted)
+
+
+class Gaps:
+    """Per feature column over the pass: values present, the smallest and largest, and where the
+    first gap is, so that a column can be judged empty, constant or incomplete."""
+
+    def __init__(self, features: list[str]):
+        self.features = features
+        n = len(features)
+        self.present, self.low, self.high = np.zeros(n, int), np.full(n, np.inf), np.full(n, -np.inf)
+        self.first_gap: dict[int, tuple[int, str]] = {}
+
+    def add(self, X: np.ndarray, raw: pd.DataFrame, positions: np.ndarray) -> None:
+        gap = np.isnan(X)
+        self.present += (~gap).sum(axis=0)
+        self.low = np.minimum(self.low, np.where(gap, np.inf, X).min(axis=0, initial=np.inf))
+        self.high = np.maximum(self.high, np.where(gap, -np.inf, X).max(axis=0, initial=-np.inf))
+        for j in np.flatnonzero(gap.any(axis=0)):
+            if j not in self.first_gap:
+                row = int(np.flatnonzero(gap[:, j])[0])
+                self.first_gap[j] = (int(positions[row]), "is missing" if pd.isna(raw.iloc[row, j])
+                                     else "is infinite or beyond float32, read as missing")
+        for j in self.first_gap:
+            if self.present[j]:  # neither empty nor complete
+                position, what = self.first_gap[j]
+                raise DataError(f"--stream: column {self.features[j]!r} in data row {position + 1} "
+                                f"{what}; {STREAM_ONLY}")
+
+    def left_out(self) -> dict[str, str]:
+        """Columns empty or constant over the whole pass."""
+        return {f: "empty" if not self.present[j] else "constant"
+                for j, f in enumerate(self.features) if not self.present[j] or self.low[j] == self.high[j]}
 
 
 class Sample:
@@ -107,16 +151,39 @@ class Scan:
     rows_per_rank: list[int]
     dropped_rows: int
     split: Split | None
+    left_out: list[dict]        # the file's columns that are not features, and why
 
 
-def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
+def scan(cfg, make_normalizer, world_size: int = 1) -> Scan:
     """One pass over the file: features, the normalizer's statistics, target, row counts and
-    samples."""
+    samples; a second one if some column turns out empty or constant (it is left out).
+    `make_normalizer()` gives an unfitted normalizer."""
     reader = ChunkReader(cfg.data, cfg.chunk_rows)
     first = next(reader.chunks(), None)
     check_rows(cfg.data, 0 if first is None else len(first[1]), 1, cfg.target)
     features = select_features(first[1], cfg.target, cfg.features, cfg.drop)
-    target, y_scaling = Target(cfg.target), StandardScaling()
+    left_out = not_features(first[1], cfg.target, features, cfg.drop)
+    if dates := [c for c in features if is_date_column(first[1][c])]:
+        warnings.warn(LEFT_OUT_NOTES["date or time"].format(names(dates)), DataNote)
+        left_out.update({str(c): "date or time" for c in dates})
+        features = [c for c in features if c not in dates]
+    s = _scan(cfg, reader, features, make_normalizer(), world_size)
+    if isinstance(s, dict):  # empty or constant columns: scanned again without them
+        for reason, note in (("empty", "empty"), ("constant", "constant")):
+            if cs := [c for c, r in s.items() if r == reason]:
+                warnings.warn(LEFT_OUT_NOTES[note].format(names(cs)), DataNote)
+        if len(s) == len(features):
+            raise DataError("no feature columns left: every feature is empty or constant")
+        left_out.update(s)
+        s = _scan(cfg, reader, [c for c in features if c not in s], make_normalizer(), world_size)
+    s.left_out = [{"name": c, "reason": r} for c, r in left_out.items()]
+    return s
+
+
+def _scan(cfg, reader: ChunkReader, features: list[str], normalizer: Normalizer,
+          world_size: int) -> Scan | dict[str, str]:
+    """The pass itself; the empty or constant columns instead, if there are any."""
+    target, y_scaling, gaps = Target(cfg.target), StandardScaling(), Gaps(features)
     # A normalizer without partial_fit (quantiles need every row at once) is fitted on the uniform
     # sample of the training rows instead, after the pass.
     streamed = hasattr(normalizer, "partial_fit")
@@ -128,6 +195,7 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
         bar.update(len(frame) + missing_target)
         dropped += missing_target
         X, y = numeric_features(frame, features, positions), frame[cfg.target]
+        gaps.add(X, frame[features], positions)
         train = split == TRAIN
         target.add(y)
         if train.any() and streamed:
@@ -139,6 +207,8 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
         for s, sample in enumerate(samples):
             sample.add(positions[split == s], X[split == s], y.to_numpy()[split == s])
     bar.close()
+    if left_out := gaps.left_out():
+        return left_out
 
     n = int(counts.sum())
     check_rows(cfg.data, n + dropped, n, cfg.target)
@@ -156,7 +226,7 @@ def scan(cfg, normalizer: Normalizer, world_size: int = 1) -> Scan:
     return Scan(features=[str(f) for f in features], task=task, classes=classes, target=target,
                 normalizer=normalizer, y_scaling=y_scaling,
                 rows=dict(zip(("train", "validation", "test"), map(int, counts))),
-                rows_per_rank=per_rank.tolist(), dropped_rows=dropped, split=split)
+                rows_per_rank=per_rank.tolist(), dropped_rows=dropped, split=split, left_out=[])
 
 
 class ShuffleBuffer:

@@ -1,0 +1,191 @@
+"""Tables and image folders as people have them (the corpus in tests/odd_files/, written by its
+make.py): each trains and its model answers the file's own rows, or the run stops with one line.
+docs/data.md lists what happens to each kind of column."""
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from file_rows import assert_serves_file_rows, file_records
+from test_service import request, serving
+from training.fit import cli
+from training.images import typical_size
+
+ODD = Path(__file__).resolve().parent / "odd_files"
+QUICK = ["--epochs", "3", "--hidden", "16", "--folds", "1", "--no-progress", "--no-store"]
+
+
+def train(capsys, tmp_path, data: str, *extra: str, target: str = "label"):
+    """`python -m training.fit` in process: (exit code, result, the notes and errors printed)."""
+    models = Path(tempfile.mkdtemp(dir=tmp_path, prefix="models-"))
+    code, result = cli(["--data", data, "--target", target, "--models-dir", str(models), *QUICK, *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith(("note: ", "error: "))]
+    if code != 0:
+        assert code == 2 and err.endswith("\n") and err.splitlines()[-1].startswith("error: "), err
+        assert not any(models.rglob("*")), "a half-written model"
+    return code, result, lines
+
+
+TABLES = [  # (file, notes the run must print)
+    ("empty_numeric_column.csv", ["left out empty column(s) empty"]),
+    ("empty_mixed_column.csv", ["left out empty column(s) empty"]),
+    ("unicode_names.csv", []),
+    ("semicolon_decimal_comma.csv", ["is read as semicolon-separated with decimal commas"]),
+    ("tab_separated.csv", ["is read as tab-separated"]),
+    ("utf8_bom.csv", []),
+    ("quoted_newlines.csv", []),
+    ("compressed.csv.gz", []),
+    ("dates_ids_constants.csv", ["dropped row-id column(s) id", "left out constant column(s) constant",
+                                 "left out date/time column(s) day, when"]),
+    ("parquet_types.parquet", ["left out date/time column(s) seen, born"]),
+    ("parquet_parts", []),
+    ("numbers_with_text.csv", ["read as numbers with the text as missing: y (2 text values)"]),
+    ("infinities_and_huge.csv", ["read as missing: x (2 values), y (1 value)"]),
+    ("single_row_class.csv", ["class(es) with a single row: rare"]),
+    ("single_feature.csv", []),
+    ("booleans.csv", []),
+]
+
+
+@pytest.mark.parametrize("name, notes", TABLES, ids=[t[0] for t in TABLES])
+def test_odd_table_trains_and_its_model_answers_the_files_own_rows(capsys, tmp_path, name, notes):
+    code, result, printed = train(capsys, tmp_path, str(ODD / name))
+    assert code == 0, printed
+    for note in notes:
+        assert any(note in line for line in printed), (note, printed)
+    assert_serves_file_rows(result, str(ODD / name), "label")
+
+
+def test_unicode_names_are_served_under_the_files_own_names(capsys, tmp_path):
+    code, result, _ = train(capsys, tmp_path, str(ODD / "unicode_names.csv"))
+    columns = result.card["columns"]
+    assert [c["name"] for c in columns] == ["âge (années)", "名前", "a b", "a_b"]
+    # The graph's inputs: safe names, distinct even where the names' safe forms collide.
+    assert [c["input"] for c in columns] == ["c0_age_annees", "c1", "c2_a_b", "c3_a_b"]
+
+
+def test_parquet_types_are_read_as_what_they_mean(capsys, tmp_path):
+    code, result, _ = train(capsys, tmp_path, str(ODD / "parquet_types.parquet"))
+    types = {c["name"]: c["type"] for c in result.card["columns"]}
+    assert types == {"x": "numeric", "y": "numeric", "colour": "categorical", "price": "numeric",
+                     "count": "numeric", "member": "categorical", "city": "categorical"}
+    left_out = {c["name"]: c["reason"] for c in result.card["left_out"]}
+    assert left_out == {"label": "target", "seen": "date or time", "born": "date or time"}
+
+
+def test_numbers_with_text_take_text_as_missing_in_training_and_serving(capsys, tmp_path):
+    code, result, _ = train(capsys, tmp_path, str(ODD / "numbers_with_text.csv"))
+    y = next(c for c in result.card["columns"] if c["name"] == "y")
+    assert y["type"] == "numeric" and y["text"] == "missing"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("target_all_missing.csv", "every row's target 'label' is missing"),
+    ("header_only.csv", "has no data rows"),
+])
+def test_odd_file_that_cannot_train_is_one_line(capsys, tmp_path, name, message):
+    code, _, printed = train(capsys, tmp_path, str(ODD / name))
+    assert code == 2 and message in printed[-1]
+
+
+def test_a_gap_in_a_streamed_column_stays_one_line_but_empty_and_date_columns_are_left_out(
+        capsys, tmp_path):
+    code, result, printed = train(capsys, tmp_path, str(ODD / "dates_ids_constants.csv"), "--stream",
+                                  "--chunk-rows", "30", "--drop", "constant")  # text: not streamed
+    assert code == 0, printed
+    assert {c["name"]: c["reason"] for c in result.card["left_out"]} == {
+        "id": "row id", "label": "target", "day": "date or time", "when": "date or time",
+        "constant": "--drop"}
+    code, _, printed = train(capsys, tmp_path, str(ODD / "infinities_and_huge.csv"), "--stream")
+    assert code == 2 and "column 'x' in data row 4 is infinite or beyond float32" in printed[-1]
+    code, result, printed = train(capsys, tmp_path, str(ODD / "semicolon_decimal_comma.csv"), "--stream",
+                                  "--drop", "colour")
+    assert code == 0 and result.card["feature_names"] == ["x", "y"]
+
+
+def test_thousands_of_columns(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(60, 2000)).round(3), columns=[f"f{i}" for i in range(2000)])
+    frame["label"] = np.where(frame.f0 > 0, "a", "b")
+    frame.to_csv(tmp_path / "wide.csv", index=False)
+    code, result, printed = train(capsys, tmp_path, str(tmp_path / "wide.csv"))
+    assert code == 0, printed
+    assert len(result.card["feature_names"]) == 2000
+    assert_serves_file_rows(result, str(tmp_path / "wide.csv"), "label")
+
+
+# ---- image folders ---------------------------------------------------------------------------
+
+def test_image_folder_with_a_broken_file_and_many_sizes_trains(capsys, tmp_path):
+    models = tmp_path / "models"
+    code, result = cli(["--images", str(ODD / "images"), "--models-dir", str(models), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "skipped 1 of 141 images that cannot be read: red/truncated.png" in err
+    side = typical_size(Image.open(f).size for f in (ODD / "images").rglob("[0-9]*.png"))
+    assert f"scaled and centre-cropped to {side}x{side} (the median shorter side" in err
+    assert result.card["image"] == {"channels": 3, "height": side, "width": side, "resize": True,
+                                    "fit": "crop"}
+    assert result.card["rows"]["train"] + result.card["rows"]["validation"] + result.card["rows"]["test"] == 140
+
+
+def test_too_many_broken_images_is_one_line(capsys, tmp_path):
+    models = tmp_path / "models"
+    code, _ = cli(["--images", str(ODD / "images"), "--models-dir", str(models), *QUICK,
+                   "--max-broken-images", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: 1 of 141 images in ") and "red/truncated.png" in err
+
+
+def test_crop_matches_torchvisions_resize_then_centre_crop(tmp_path):
+    """What training and the service do to an image of another size is what torchvision users
+    expect from Resize(s) then CenterCrop(s) (bilinear; PIL and torchvision round alike)."""
+    from torchvision.transforms import v2
+    from training.images import read_image
+    rng = np.random.default_rng(0)
+    for h, w in [(20, 31), (31, 20), (17, 17), (9, 40)]:
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        path = tmp_path / f"{h}x{w}.png"
+        Image.fromarray(pixels).save(path)
+        ours = read_image(path, 3, (12, 12))
+        theirs = v2.Compose([v2.Resize(12, antialias=True), v2.CenterCrop(12)])(Image.open(path).convert("RGB"))
+        theirs = np.asarray(theirs).transpose(2, 0, 1)
+        assert ours.shape == theirs.shape == (3, 12, 12)
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
+# ---- over HTTP: the file's own rows, against a real `bentoml serve` ----------------------------
+
+@pytest.fixture(scope="module")
+def dated_model(tmp_path_factory):
+    from training.fit import run
+    from conftest import quick_config
+    tmp = tmp_path_factory.mktemp("dated")
+    return run(quick_config(tmp, data=str(ODD / "dates_ids_constants.csv"), target="label"))
+
+
+@pytest.fixture(scope="module")
+def dated_server(dated_model):
+    yield from serving(dated_model)
+
+
+def test_served_model_takes_the_files_rows_with_the_columns_it_left_out(dated_server, dated_model):
+    frame = pd.read_csv(ODD / "dates_ids_constants.csv")
+    rows = file_records(frame.head(5))  # id, day, when, constant and label included
+    status, body = request(dated_server + "/predict", {"instances": rows})
+    assert status == 200, body
+    features = [{k: r[k] for k in ("x", "y")} for r in rows]
+    assert request(dated_server + "/predict", {"instances": features})[1] == body
+    anything = [{**r, "when": v, "constant": None, "label": 5} for r, v in zip(rows, [None, 3, [1], {}, "x"])]
+    assert request(dated_server + "/predict", {"instances": anything})[1] == body  # any value: ignored
+    status, body = request(dated_server + "/predict", {"instances": [{**rows[0], "never seen": 1}]})
+    assert status == 400 and "unknown feature(s): never seen" in body["error"]
+    meta = request(dated_server + "/metadata")[1]
+    assert {c["name"] for c in meta["left_out"]} == {"id", "day", "when", "constant", "label"}
+    spec = request(dated_server + "/docs.json")[1]
+    assert spec["paths"]["/predict"]
