@@ -62,15 +62,6 @@ def load_builtin(name: str) -> tuple[pd.DataFrame, str]:
     return frame, "target"
 
 
-def _delimiter_hint(frame: pd.DataFrame) -> str:
-    """A hint when a whole row landed in one column: the file uses another delimiter."""
-    if len(frame.columns) == 1:
-        for sep in (";", "\t", "|"):
-            if sep in str(frame.columns[0]):
-                return f" (the file looks {sep!r}-separated; save it comma-separated, or as .tsv for tabs)"
-    return ""
-
-
 def infer_task(y: pd.Series) -> str:
     """classification or regression, as the target's values suggest (training/rules.py)."""
     return Target(str(y.name)).add(y.dropna()).infer_task()
@@ -98,8 +89,7 @@ def select_features(frame: pd.DataFrame, target: str, features: list[str] | None
     """The feature columns: the ones named, else all but the target, less --drop and obvious row
     ids (judged on `frame`: the whole table, or a streamed file's first chunk)."""
     if target not in frame.columns:
-        raise DataError(f"target column {target!r} not found; columns are: {names(frame.columns)}"
-                        + _delimiter_hint(frame))
+        raise DataError(f"target column {target!r} not found; columns are: {names(frame.columns)}")
     if features:
         if unknown := [f for f in features if f not in frame.columns]:
             raise DataError(f"feature column(s) not found: {names(unknown)}; "

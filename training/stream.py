@@ -76,7 +76,8 @@ def numeric_features(frame: pd.DataFrame, features: list[str], positions: np.nda
 
 def _text_column(frame: pd.DataFrame, name: str, positions: np.ndarray) -> np.ndarray:
     values = frame[name]
-    converted = pd.to_numeric(values, errors="coerce")
+    converted = (pd.Series(np.nan, index=values.index) if pd.api.types.is_bool_dtype(values)
+                 else pd.to_numeric(values, errors="coerce"))  # booleans are categories, as in memory
     if (bad := np.flatnonzero(converted.isna().to_numpy() & values.notna().to_numpy())).size:
         raise DataError(f"--stream: column {name!r} in data row {positions[bad[0]] + 1} is not a number "
                         f"({values.iloc[bad[0]]!r}); {STREAM_ONLY}")
