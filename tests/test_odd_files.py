@@ -60,6 +60,17 @@ def test_odd_table_trains_and_its_model_answers_the_files_own_rows(capsys, tmp_p
     assert_serves_file_rows(result, str(ODD / name), "label")
 
 
+@pytest.mark.parametrize("name", ["single_row_class.csv", "unicode_names.csv", "parquet_types.parquet"])
+def test_odd_table_trains_with_the_default_recipe(capsys, tmp_path, name):
+    """What a user runs: no options, five networks over five folds and the linear candidate."""
+    models = Path(tempfile.mkdtemp(dir=tmp_path))
+    code, result = cli(["--data", str(ODD / name), "--target", "label", "--models-dir", str(models),
+                        "--no-progress", "--no-store"])
+    assert code == 0, capsys.readouterr().err
+    assert result.card["training"]["cross_validation"]
+    assert_serves_file_rows(result, str(ODD / name), "label")
+
+
 def test_unicode_names_are_served_under_the_files_own_names(capsys, tmp_path):
     code, result, _ = train(capsys, tmp_path, str(ODD / "unicode_names.csv"))
     columns = result.card["columns"]

@@ -166,7 +166,7 @@ def sort_columns(frame: pd.DataFrame, features: list, categorical=(), numeric=()
     out.left_out = {str(c): reason for c, reason in why.items()}
     if not out.kept:
         raise DataError("no feature columns left: " + "; ".join(
-            f"{names(cs)} {reason}" for reason, cs in _by_reason(why).items()))
+            f"{names(cs)} ({reason})" for reason, cs in _by_reason(why).items()))
     return out
 
 

@@ -86,6 +86,11 @@ def seconds_since_start() -> float:
     return time.time() - psutil.Process().create_time()
 
 
+def one_line(message: str) -> str:
+    """A message on one line, whatever the column names it quotes hold."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     return cli(argv)[0]
 
@@ -103,10 +108,10 @@ def cli(argv: list[str] | None = None) -> tuple[int, Result | None]:
             result = run(cfg)
         notes = [str(w.message) for w in caught if issubclass(w.category, DataNote)]
         for note in dict.fromkeys(notes) if main_rank else ():  # ours, once each; library chatter stays quiet
-            print(f"note: {note}", file=sys.stderr)
+            print(f"note: {one_line(note)}", file=sys.stderr)
     except (DataError, ConfigError, ExportError) as e:
         if main_rank:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2, None
     except KeyboardInterrupt:
         resumable = cfg is not None and checkpoint_path(cfg).exists()

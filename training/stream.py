@@ -79,8 +79,9 @@ def _text_column(frame: pd.DataFrame, name: str, positions: np.ndarray) -> np.nd
     converted = (pd.Series(np.nan, index=values.index) if pd.api.types.is_bool_dtype(values)
                  else pd.to_numeric(values, errors="coerce"))  # booleans are categories, as in memory
     if (bad := np.flatnonzero(converted.isna().to_numpy() & values.notna().to_numpy())).size:
+        value = values.iloc[bad[0]]
         raise DataError(f"--stream: column {name!r} in data row {positions[bad[0]] + 1} is not a number "
-                        f"({values.iloc[bad[0]]!r}); {STREAM_ONLY}")
+                        f"({getattr(value, 'item', lambda: value)()!r}); {STREAM_ONLY}")
     return numbers(converted)
 
 
@@ -168,13 +169,15 @@ def scan(cfg, make_normalizer, world_size: int = 1) -> Scan:
         warnings.warn(LEFT_OUT_NOTES["date or time"].format(names(dates)), DataNote)
         left_out.update({str(c): "date or time" for c in dates})
         features = [c for c in features if c not in dates]
+        if not features:
+            raise DataError(f"no feature columns left: {names(dates)} (date or time)")
     s = _scan(cfg, reader, features, make_normalizer(), world_size)
     if isinstance(s, dict):  # empty or constant columns: scanned again without them
-        for reason, note in (("empty", "empty"), ("constant", "constant")):
+        for reason in ("empty", "constant"):
             if cs := [c for c, r in s.items() if r == reason]:
-                warnings.warn(LEFT_OUT_NOTES[note].format(names(cs)), DataNote)
+                warnings.warn(LEFT_OUT_NOTES[reason].format(names(cs)), DataNote)
         if len(s) == len(features):
-            raise DataError("no feature columns left: every feature is empty or constant")
+            raise DataError(f"no feature columns left: {names(s)} (empty or constant)")
         left_out.update(s)
         s = _scan(cfg, reader, [c for c in features if c not in s], make_normalizer(), world_size)
     s.left_out = [{"name": c, "reason": r} for c, r in left_out.items()]
@@ -208,11 +211,11 @@ def _scan(cfg, reader: ChunkReader, features: list[str], normalizer: Normalizer,
         for s, sample in enumerate(samples):
             sample.add(positions[split == s], X[split == s], y.to_numpy()[split == s])
     bar.close()
+    n = int(counts.sum())
+    check_rows(cfg.data, n + dropped, n, cfg.target)
     if left_out := gaps.left_out():
         return left_out
 
-    n = int(counts.sum())
-    check_rows(cfg.data, n + dropped, n, cfg.target)
     test_share = cfg.test_share(folds=1)  # a streamed run is one network
     if counts[TRAIN] < MIN_TRAIN_ROWS or counts[VALIDATION] == 0 or (counts[TEST] == 0 < test_share):
         raise too_few_to_split(n, cfg.val_size, test_share)
