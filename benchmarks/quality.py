@@ -111,12 +111,17 @@ def labels(values) -> np.ndarray:
 
 
 def typed(frame: pd.DataFrame, columns: list[dict]) -> pd.DataFrame:
-    """Raw holdout rows of a mixed table as training typed them: numbers (NaN = missing), and
-    categories as the text the graph compares (what the service makes of JSON records)."""
-    from training.contract import category_text
-    return pd.DataFrame({c["name"]: (pd.to_numeric(frame[c["name"]], errors="coerce").astype(float)
-                                     if c["type"] == "numeric" else frame[c["name"]].map(category_text))
-                         for c in columns})
+    """Raw holdout rows of a mixed table as training typed them (training/columns.py): numbers
+    (NaN = missing), and categories as the text the graph compares."""
+    from training.columns import numbers, text_numbers, texts
+    from training.rules import is_number_column
+
+    def column(c):
+        values = frame[c["name"]]
+        if c["type"] != "numeric":
+            return texts(values)
+        return numbers(values) if is_number_column(values) else text_numbers(values)
+    return pd.DataFrame({c["name"]: column(c) for c in columns})
 
 
 def graph_feeds(card: dict, frame: pd.DataFrame) -> dict[str, np.ndarray]:

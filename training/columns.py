@@ -115,54 +115,46 @@ def mostly_numbers(values: pd.Series, as_numbers: np.ndarray) -> bool:
     return present.any() and (~np.isnan(as_numbers[present])).mean() >= NUMBERS_SHARE
 
 
+def judge(name: str, values: pd.Series, forced: str | None) -> Column | str:
+    """A kept column with its values as the graph takes them, or why it is left out. `forced`:
+    "categorical" or "numeric" (--categorical, --numeric), which is never left out."""
+    if forced == "categorical":
+        return Column(name, "categorical", texts(values))
+    number_type = is_number_column(values)
+    x = numbers(values) if number_type else text_numbers(values)
+    if forced == "numeric":
+        bad = 0 if number_type else int((np.isnan(x) & values.notna().to_numpy()).sum())
+        if bad:
+            raise DataError(f"--numeric column {name!r} has {count(bad)} that are not numbers")
+        return Column(name, "numeric", x, text=not number_type)
+    if not values.notna().any():
+        return "empty"
+    if is_date_column(values):
+        return "date or time"
+    if number_type or mostly_numbers(values, x):
+        if len(pd.unique(x[~np.isnan(x)])) <= 1:
+            return "constant"
+        return Column(name, "numeric", x, codes=is_code_column(pd.Series(x)), text=not number_type)
+    t = texts(values)
+    if len(pd.unique(t)) <= 1:
+        return "constant"
+    return "near-unique text" if is_near_unique(values) else Column(name, "categorical", t)
+
+
 def sort_columns(frame: pd.DataFrame, features: list, categorical=(), numeric=()) -> Columns:
-    """Each feature column's kind, as the table at hand shows it (module docstring); notices for
-    what is left out or changed. --categorical and --numeric force a kind."""
-    categorical, numeric = set(categorical or ()), set(numeric or ())
-    out, why = Columns(kept=[]), {}
-    unreadable, text_missing, codes = {}, {}, []
+    """Each feature column judged (`judge`, module docstring), with notices for what is left out
+    or changed."""
+    out, why, unreadable, text_missing = Columns(kept=[]), {}, {}, {}
     for c in features:
-        values = frame[c]
-        if c in categorical:
-            out.kept.append(Column(str(c), "categorical", texts(values)))
+        forced = "categorical" if c in (categorical or ()) else "numeric" if c in (numeric or ()) else None
+        judged = judge(str(c), frame[c], forced)
+        if isinstance(judged, str):
+            why[c] = judged
             continue
-        number_type = is_number_column(values)
-        if c in numeric and not number_type:
-            converted = text_numbers(values)
-            if bad := int((np.isnan(converted) & values.notna().to_numpy()).sum()):
-                raise DataError(f"--numeric column {c!r} has {count(bad)} that are not numbers")
-        if c not in numeric and not values.notna().any():
-            why[c] = "empty"
-            continue
-        if c not in numeric and is_date_column(values):
-            why[c] = "date or time"
-            continue
-        if number_type or c in numeric:
-            x = numbers(values) if number_type else text_numbers(values)
-            text = not number_type
-        else:
-            x = text_numbers(values)
-            text = mostly_numbers(values, x)
-        if number_type or text:
-            present = values.notna().to_numpy()
-            if n := int((np.isnan(x) & present).sum()):
-                (text_missing if text and c not in numeric else unreadable)[c] = n
-            distinct = pd.unique(x[~np.isnan(x)])
-            if c not in numeric and len(distinct) <= 1:
-                why[c] = "constant"
-                continue
-            is_codes = c not in numeric and is_code_column(pd.Series(x))
-            codes += [c] if is_codes else []
-            out.kept.append(Column(str(c), "numeric", x, codes=is_codes, text=text))
-            continue
-        t = texts(values)
-        if len(pd.unique(t)) <= 1:
-            why[c] = "constant"
-        elif is_near_unique(values):
-            why[c] = "near-unique text"
-        else:
-            out.kept.append(Column(str(c), "categorical", t))
-    _notify(why, unreadable, text_missing, codes)
+        out.kept.append(judged)
+        if judged.type == "numeric" and (n := int((np.isnan(judged.values) & frame[c].notna().to_numpy()).sum())):
+            (text_missing if judged.text else unreadable)[c] = n
+    _notify(why, unreadable, text_missing, [c.name for c in out.kept if c.codes])
     out.left_out = {str(c): reason for c, reason in why.items()}
     if not out.kept:
         raise DataError("no feature columns left: " + "; ".join(
