@@ -113,15 +113,9 @@ def labels(values) -> np.ndarray:
 def typed(frame: pd.DataFrame, columns: list[dict]) -> pd.DataFrame:
     """Raw holdout rows of a mixed table as training typed them (training/columns.py): numbers
     (NaN = missing), and categories as the text the graph compares."""
-    from training.columns import numbers, text_numbers, texts
-    from training.rules import is_number_column
-
-    def column(c):
-        values = frame[c["name"]]
-        if c["type"] != "numeric":
-            return texts(values)
-        return numbers(values) if is_number_column(values) else text_numbers(values)
-    return pd.DataFrame({c["name"]: column(c) for c in columns})
+    from training.columns import graph_numbers, texts
+    return pd.DataFrame({c["name"]: graph_numbers(frame[c["name"]]) if c["type"] == "numeric"
+                         else texts(frame[c["name"]]) for c in columns})
 
 
 def graph_feeds(card: dict, frame: pd.DataFrame) -> dict[str, np.ndarray]:

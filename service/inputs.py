@@ -206,15 +206,17 @@ def parse_images(instances, shape: tuple[int, int, int], max_rows: int) -> np.nd
     return np.array(instances, dtype=np.uint8)
 
 
-def _numbers(values: list, text: bool) -> np.ndarray:
-    """Checked numeric values as float64, NaN for null. Text (in a column of numbers with text)
-    and integers beyond float64 go through number_or_nan, as training read them."""
-    if not text:
+def _numbers(values: list, column: dict) -> np.ndarray:
+    """Checked numeric values as float64, NaN for null. Text (in a column of numbers with text,
+    with the file's decimal mark) and integers beyond float64 go through number_or_nan, as
+    training read them."""
+    if column.get("text") != "missing":
         try:
             return np.array([math.nan if v is None else v for v in values], dtype=np.float64)
         except OverflowError:
             pass
-    return np.array([number_or_nan(v) for v in values], dtype=np.float64)
+    decimal = column.get("decimal", ".")
+    return np.array([number_or_nan(v, decimal) for v in values], dtype=np.float64)
 
 
 def parse_records(instances, columns: list[dict], max_rows: int,
@@ -237,7 +239,7 @@ def parse_records(instances, columns: list[dict], max_rows: int,
                 if v is not None and type(v) not in allowed:
                     raise BadRequest(f"row {i}, column {column['name']!r}: expected a number or "
                                      f"null, got {_describe(v)}")
-            numbers = _numbers(values, text=column.get("text") == "missing")
+            numbers = _numbers(values, column)
             feeds[column_input(column)] = finite_float32(numbers).astype(np.float32).reshape(-1, 1)
         else:
             for i, v in enumerate(values):

@@ -17,7 +17,7 @@ import torch
 from service.scoring import Scorer
 from training.contract import decode_metadata
 from training.data import to_table
-from training.files import read_table
+from training.files import read_file
 from training.model import serving_model
 
 
@@ -32,6 +32,10 @@ def json_value(v):
         return int(v)
     if isinstance(v, (np.bool_,)):
         return bool(v)
+    if isinstance(v, (np.ndarray, list, tuple)):
+        return [json_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): json_value(x) for k, x in v.items()}
     if isinstance(v, decimal.Decimal):
         return float(v)
     if isinstance(v, (dt.date, dt.time, pd.Timestamp)):
@@ -46,13 +50,18 @@ def file_records(frame: pd.DataFrame) -> list[dict]:
             for row in frame.itertuples(index=False, name=None)]
 
 
+def scorer_of(result) -> Scorer:
+    """The service's scorer (its checks, then onnxruntime) on a run's model.onnx."""
+    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
+    return Scorer(session, decode_metadata(session.get_modelmeta().custom_metadata_map), 10**6)
+
+
 def assert_serves_file_rows(result, path: str, target: str, **options) -> None:
     """The service's Scorer (checks, then the ONNX graph) on the file's rows as JSON records, vs.
     PyTorch on the same rows as training reads them. `options`: the run's --features,
     --categorical, --numeric and --drop."""
-    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
-    scorer = Scorer(session, decode_metadata(session.get_modelmeta().custom_metadata_map), 10**6)
-    frame = read_table(path)
+    scorer = scorer_of(result)
+    how, frame = read_file(path)
     frame = frame[frame[target].notna()].reset_index(drop=True)
     status, body = scorer.answer_json(orjson.dumps({"instances": file_records(frame)}))
     assert status == 200, body
@@ -62,7 +71,8 @@ def assert_serves_file_rows(result, path: str, target: str, **options) -> None:
     with warnings.catch_warnings():  # the run printed its notes already
         warnings.simplefilter("ignore")
         table = to_table(frame, target, options.get("features"), data.table.task, "check",
-                         options.get("categorical"), options.get("numeric"), options.get("drop"))
+                         options.get("categorical"), options.get("numeric"), options.get("drop"),
+                         how.decimal)
     X = data.normalizer.encode(table.X) if data.table.modality == "mixed" else table.X
     head = serving_model(result.trained.net.cpu(), data.table.task, data.y_mean, data.y_scale)
     with torch.no_grad():

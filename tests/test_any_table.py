@@ -3,7 +3,7 @@
 A property test (Hypothesis) over generated tables: columns of the kinds people keep in files
 (numbers with and without gaps, integers, booleans, categories, numbers with some text, dates,
 timestamps, empty and constant columns, infinities, numbers beyond float32, near-unique text,
-nullable integers, decimals, texts that mean missing) under odd names (spaces, accents, other
+nullable integers, decimals, texts that mean missing, lists, true/false as text) under odd names (spaces, accents, other
 scripts, names whose safe forms collide, names of the graph's own tensors), a target of several
 kinds, written as CSV (comma, semicolon, tab, gzip) or Parquet, trained in process (one network,
 few epochs), in memory and, for some, with --stream. For each: exit 0 and a model that answers
@@ -35,8 +35,9 @@ NAMES = ["x", "âge (années)", "名前", "a b", "a_b", "a-b", "1st", "Ω", "pri
          "probabilities", "c0_x", "None", "weight", "z"]
 # Kinds a model can learn from (TRAINABLE), and kinds training leaves out or that may fail.
 TRAINABLE = ["float", "float_gaps", "scaled", "int", "bool", "bool_gaps", "category", "category_gaps",
-             "numbers_text", "inf", "huge", "nullable_int", "decimal", "missing_words"]
-OTHER = ["iso_date", "iso_datetime", "timestamp", "empty", "constant", "constant_text", "near_unique"]
+             "numbers_text", "inf", "huge", "nullable_int", "decimal", "missing_words", "true_false_text"]
+OTHER = ["iso_date", "iso_datetime", "timestamp", "empty", "constant", "constant_text", "near_unique",
+         "nested"]
 # --stream takes complete numeric columns, and leaves out date columns and empty or constant ones.
 STREAMABLE = ["float", "scaled", "int", "decimal", "inf", "iso_date", "timestamp", "empty", "constant"]
 TARGETS = ["classes", "single_row_class", "bool", "int_classes", "regression", "gappy",
@@ -88,6 +89,10 @@ def column(kind: str, n: int, rng: np.random.Generator):
         return np.full(n, 7.0)
     if kind == "constant_text":
         return np.full(n, "same", dtype=object)
+    if kind == "nested":  # Parquet lists; in CSV their text
+        return [[int(i % 3)] * int(i % 2) for i in rng.permutation(n)]
+    if kind == "true_false_text":
+        return rng.choice(["true", "FALSE", "True", "false"], n).astype(object)
     if kind == "near_unique":
         return np.array([f"user{i}@example.org" for i in rng.permutation(n)], dtype=object)
     raise ValueError(kind)

@@ -75,7 +75,7 @@ def test_rows_with_missing_target_are_dropped_and_counted():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda f: f.drop(columns="label"), "target column 'label' not found"),
-    (lambda f: f.assign(score=f.score.astype(object).where(f.index > 2, "n/a")), None),
+    (lambda f: f.assign(score=f.score.astype(object).where(f.index > 2, "lots")), None),
     (lambda f: f.assign(label="approved"), "single class"),
     (lambda f: f.head(3), "too few rows (3)"),
 ])

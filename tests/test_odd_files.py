@@ -5,11 +5,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 from PIL import Image
 
-from file_rows import assert_serves_file_rows, file_records
+from file_rows import assert_serves_file_rows, file_records, scorer_of
 from test_service import request, serving
 from training.fit import cli
 from training.images import typical_size
@@ -35,6 +36,8 @@ TABLES = [  # (file, notes the run must print)
     ("empty_mixed_column.csv", ["left out empty column(s) empty"]),
     ("unicode_names.csv", []),
     ("semicolon_decimal_comma.csv", ["is read as semicolon-separated with decimal commas"]),
+    ("semicolon_decimal_comma_text.csv", ["is read as semicolon-separated with decimal commas",
+                                          "read as numbers with the text as missing: y (3 text values)"]),
     ("tab_separated.csv", ["is read as tab-separated"]),
     ("utf8_bom.csv", []),
     ("quoted_newlines.csv", []),
@@ -43,6 +46,7 @@ TABLES = [  # (file, notes the run must print)
                                  "left out date/time column(s) day, when"]),
     ("parquet_types.parquet", ["left out date/time column(s) seen, born"]),
     ("parquet_parts", []),
+    ("parquet_nested.parquet", ["left out column(s) tags, place (lists or nested values"]),
     ("numbers_with_text.csv", ["read as numbers with the text as missing: y (2 text values)"]),
     ("infinities_and_huge.csv", ["read as missing: x (2 values), y (1 value)"]),
     ("single_row_class.csv", ["class(es) with a single row: rare"]),
@@ -92,6 +96,27 @@ def test_numbers_with_text_take_text_as_missing_in_training_and_serving(capsys, 
     code, result, _ = train(capsys, tmp_path, str(ODD / "numbers_with_text.csv"))
     y = next(c for c in result.card["columns"] if c["name"] == "y")
     assert y["type"] == "numeric" and y["text"] == "missing"
+    code, result, _ = train(capsys, tmp_path, str(ODD / "semicolon_decimal_comma_text.csv"))
+    y = next(c for c in result.card["columns"] if c["name"] == "y")
+    assert y == {**y, "type": "numeric", "text": "missing", "decimal": ","}
+    scorer = scorer_of(result)
+    row = {"x": 0.5, "y": "10,5", "colour": "red"}  # text as in the file: read as training read it
+    same = {"x": 0.5, "y": 10.5, "colour": "red"}
+    assert scorer.answer_json(orjson.dumps({"instances": [row]}))[1] == \
+        scorer.answer_json(orjson.dumps({"instances": [same]}))[1]
+
+
+def test_forced_numeric_empty_column_and_boolean_texts(capsys, tmp_path):
+    """A column forced --numeric with no value keeps its place; "true" and True are one category."""
+    frame = pd.read_csv(ODD / "booleans.csv").assign(blank=np.nan)
+    frame.to_csv(tmp_path / "b.csv", index=False)
+    code, result, printed = train(capsys, tmp_path, str(tmp_path / "b.csv"), "--numeric", "blank")
+    assert code == 0, printed
+    assert {c["name"]: c["type"] for c in result.card["columns"]}["blank"] == "numeric"
+    scorer = scorer_of(result)
+    rows = [{"x": 0.1, "y": 9.0, "member": v, "blank": None} for v in (True, "true", "TRUE", "True")]
+    answer = orjson.loads(scorer.answer_json(orjson.dumps({"instances": rows}))[1])
+    assert len({tuple(p) for p in answer["probabilities"]}) == 1
 
 
 @pytest.mark.parametrize("name, message", [
@@ -137,7 +162,7 @@ def test_image_folder_with_a_broken_file_and_many_sizes_trains(capsys, tmp_path)
     err = capsys.readouterr().err
     assert code == 0, err
     assert "skipped 1 of 141 images that cannot be read: red/truncated.png" in err
-    side = typical_size(Image.open(f).size for f in (ODD / "images").rglob("[0-9]*.png"))
+    side = typical_size(Image.open(f).size for f in (ODD / "images").glob("*/[0-9]*.png"))
     assert f"scaled and centre-cropped to {side}x{side} (the median shorter side" in err
     assert result.card["image"] == {"channels": 3, "height": side, "width": side, "resize": True,
                                     "fit": "crop"}

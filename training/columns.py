@@ -2,6 +2,7 @@
 table (in memory: the whole table; streamed: the first chunk), with a notice for everything left
 out or changed. docs/data.md lists the rules with examples.
 
+    nested                lists, maps or arrays in the cells (Parquet)          left out
     empty                 every value missing                                  left out
     constant              one value (numbers: one value and gaps)               left out
     date or time          datetime types, or text in date/time formats          left out
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from training.contract import category_text, finite_float32, number_or_nan
+from training.contract import MISSING_TEXTS, category_text, finite_float32, number_or_nan
 from training.rules import (CODE_MIN_VALUES, DataError, DataNote, count, is_code_column,
                             is_near_unique, is_number_column, names)
 
@@ -63,12 +64,29 @@ class Column:
     values: np.ndarray
     codes: bool = False          # integer codes, also one-hot encoded (training/encoding.py)
     text: bool = False           # numbers with some text in it: the text reads as missing
+    decimal: str = "."           # the file's decimal mark, for numbers written as text
 
 
 @dataclass
 class Columns:
     kept: list[Column]
     left_out: dict[str, str] = field(default_factory=dict)  # column -> why (for the model and docs)
+
+
+NESTED = (list, tuple, dict, set, np.ndarray)
+
+
+def is_nested(values: pd.Series) -> bool:
+    """Lists, maps or arrays in the cells (Parquet list and struct columns)."""
+    return values.dtype == object and any(isinstance(v, NESTED) for v in values.to_numpy())
+
+
+def present(values: pd.Series) -> np.ndarray:
+    """Which values are there: not missing, and not a text that means missing."""
+    there = values.notna().to_numpy()
+    if not is_number_column(values):
+        there = there & ~values.isin(MISSING_TEXTS).to_numpy()
+    return there
 
 
 def is_date_column(values: pd.Series) -> bool:
@@ -79,12 +97,12 @@ def is_date_column(values: pd.Series) -> bool:
         return True
     if is_number_column(values) or pd.api.types.is_bool_dtype(dtype):
         return False
-    present = pd.unique(values.dropna().to_numpy(object))[:DATE_SAMPLE]
-    if not len(present):
+    sample = pd.unique(values[present(values)].to_numpy(object))[:DATE_SAMPLE]
+    if not len(sample):
         return False
-    if all(isinstance(v, (dt.date, dt.time, dt.timedelta)) for v in present):
+    if all(isinstance(v, (dt.date, dt.time, dt.timedelta)) for v in sample):
         return True
-    return all(isinstance(v, str) and DATE_TEXT.fullmatch(v) for v in present)
+    return all(isinstance(v, str) and DATE_TEXT.fullmatch(v) for v in sample)
 
 
 def _each_distinct(values: pd.Series, convert) -> pd.Series:
@@ -93,10 +111,11 @@ def _each_distinct(values: pd.Series, convert) -> pd.Series:
     return values.map({v: convert(v) for v in pd.unique(values.to_numpy())})
 
 
-def text_numbers(values: pd.Series) -> np.ndarray:
+def text_numbers(values: pd.Series, decimal: str = ".") -> np.ndarray:
     """A text column's values as numbers (NaN: missing, or text that is not a number). Booleans
     are not numbers."""
-    as_number = _each_distinct(values, lambda v: np.nan if isinstance(v, (bool, np.bool_)) else number_or_nan(v))
+    as_number = _each_distinct(values, lambda v: np.nan if isinstance(v, (bool, np.bool_))
+                               else number_or_nan(v, decimal))
     return finite_float32(as_number.to_numpy(np.float64))
 
 
@@ -110,49 +129,60 @@ def texts(values: pd.Series) -> np.ndarray:
     return _each_distinct(values, category_text).to_numpy(object)
 
 
-def mostly_numbers(values: pd.Series, as_numbers: np.ndarray) -> bool:
-    present = values.notna().to_numpy()
-    return present.any() and (~np.isnan(as_numbers[present])).mean() >= NUMBERS_SHARE
+def graph_numbers(values: pd.Series, decimal: str = ".") -> np.ndarray:
+    """A numeric column's values as the graph takes them, whether stored as numbers or text."""
+    return numbers(values) if is_number_column(values) else text_numbers(values, decimal)
 
 
-def judge(name: str, values: pd.Series, forced: str | None) -> Column | str:
+def judge(name: str, values: pd.Series, forced: str | None, decimal: str = ".") -> Column | str:
     """A kept column with its values as the graph takes them, or why it is left out. `forced`:
-    "categorical" or "numeric" (--categorical, --numeric), which is never left out."""
-    if forced == "categorical":
-        return Column(name, "categorical", texts(values))
-    number_type = is_number_column(values)
-    x = numbers(values) if number_type else text_numbers(values)
+    "categorical" or "numeric" (--categorical, --numeric), which is never left out; a Parquet
+    categorical column is categorical. `decimal`: the file's decimal mark."""
+    if is_nested(values):
+        if forced:
+            raise DataError(f"column {name!r} holds lists or nested values; the model takes numbers "
+                            "and text")
+        return "nested"
+    if forced == "categorical" or (not forced and isinstance(values.dtype, pd.CategoricalDtype)):
+        t = texts(values)
+        return "constant" if not forced and len(pd.unique(t)) <= 1 else Column(name, "categorical", t)
+    number_type, there = is_number_column(values), present(values)
+    if forced != "numeric":
+        if not there.any():
+            return "empty"
+        if is_date_column(values):
+            return "date or time"
+    x = graph_numbers(values, decimal)
+    read = ~np.isnan(x[there])  # the present values that read as numbers
     if forced == "numeric":
-        bad = 0 if number_type else int((np.isnan(x) & values.notna().to_numpy()).sum())
-        if bad:
-            raise DataError(f"--numeric column {name!r} has {count(bad)} that are not numbers")
-        return Column(name, "numeric", x, text=not number_type)
-    if not values.notna().any():
-        return "empty"
-    if is_date_column(values):
-        return "date or time"
-    if number_type or mostly_numbers(values, x):
+        if not read.all():
+            raise DataError(f"--numeric column {name!r} has {count(int((~read).sum()))} that are not "
+                            "numbers")
+        return Column(name, "numeric", x, text=not number_type, decimal=decimal)
+    if number_type or read.mean() >= NUMBERS_SHARE:
         if len(pd.unique(x[~np.isnan(x)])) <= 1:
             return "constant"
-        return Column(name, "numeric", x, codes=is_code_column(pd.Series(x)), text=not number_type)
+        return Column(name, "numeric", x, codes=is_code_column(pd.Series(x)), text=not number_type,
+                      decimal=decimal)
     t = texts(values)
     if len(pd.unique(t)) <= 1:
         return "constant"
     return "near-unique text" if is_near_unique(values) else Column(name, "categorical", t)
 
 
-def sort_columns(frame: pd.DataFrame, features: list, categorical=(), numeric=()) -> Columns:
+def sort_columns(frame: pd.DataFrame, features: list, categorical=(), numeric=(),
+                 decimal: str = ".") -> Columns:
     """Each feature column judged (`judge`, module docstring), with notices for what is left out
     or changed."""
     out, why, unreadable, text_missing = Columns(kept=[]), {}, {}, {}
     for c in features:
         forced = "categorical" if c in (categorical or ()) else "numeric" if c in (numeric or ()) else None
-        judged = judge(str(c), frame[c], forced)
+        judged = judge(str(c), frame[c], forced, decimal)
         if isinstance(judged, str):
             why[c] = judged
             continue
         out.kept.append(judged)
-        if judged.type == "numeric" and (n := int((np.isnan(judged.values) & frame[c].notna().to_numpy()).sum())):
+        if judged.type == "numeric" and (n := int((np.isnan(judged.values) & present(frame[c])).sum())):
             (text_missing if judged.text else unreadable)[c] = n
     _notify(why, unreadable, text_missing, [c.name for c in out.kept if c.codes])
     out.left_out = {str(c): reason for c, reason in why.items()}
@@ -176,6 +206,7 @@ LEFT_OUT_NOTES = {
                     "as the weekday or the hour as columns of their own to use them)",
     "near-unique text": "dropped near-unique text column(s) {}: most values are distinct, nothing "
                         "to learn as categories (keep with --categorical)",
+    "nested": "left out column(s) {} (lists or nested values: the model takes numbers and text)",
 }
 
 

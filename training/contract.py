@@ -47,14 +47,17 @@ def finite_float32(values) -> np.ndarray:
         return np.where(np.abs(values) <= FLOAT32_MAX, values, np.nan)
 
 
-def number_or_nan(value) -> float:
+def number_or_nan(value, decimal: str = ".") -> float:
     """One value of a numeric column (a number, null, or, in a column of numbers with some text in
-    it, text) as a float; NaN when it is missing or text that is not a number."""
+    it, text) as a float; NaN when it is missing or text that is not a number. With decimal ","
+    (a file written with decimal commas), text such as "1.234,5" reads as 1234.5."""
     if value is None:
         return math.nan
+    if decimal == "," and isinstance(value, str) and "," in value:
+        value = value.replace(".", "").replace(",", ".")
     try:
         return float(value)
-    except (ValueError, OverflowError):  # text that is not a number; an integer beyond float64
+    except (ValueError, TypeError, OverflowError):  # not a number (text, a date); beyond float64
         return math.nan
 
 
@@ -64,12 +67,17 @@ MISSING_TEXTS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN",
                            "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
 
 
+BOOLEAN_TEXTS = {"true": "True", "false": "False"}  # pandas reads true, TRUE, True as a boolean
+
+
 def category_text(value) -> str:
     """A categorical value as the text the graph compares: the same in training and serving
-    (5, 5.0 and "5" are one category; a missing value, or a text in MISSING_TEXTS, is "")."""
-    if value is None or (isinstance(value, float) and value != value) or (
-            isinstance(value, str) and value in MISSING_TEXTS):
+    (5, 5.0 and "5" are one category; true, "true" and "TRUE" are "True"; a missing value, or a
+    text in MISSING_TEXTS, is "")."""
+    if value is None or (isinstance(value, float) and value != value):
         return ""
+    if isinstance(value, str):
+        return "" if value in MISSING_TEXTS else BOOLEAN_TEXTS.get(value.lower(), value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

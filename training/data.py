@@ -14,7 +14,7 @@ from sklearn import datasets as skdatasets
 from sklearn.model_selection import train_test_split
 
 from training.columns import graph_input, sort_columns
-from training.files import read_table
+from training.files import read_file
 from training.rules import (MIN_TRAIN_ROWS, DataError, DataNote, Target, check_rows, json_label,
                             names, too_few_to_split)
 
@@ -124,8 +124,9 @@ def not_features(frame: pd.DataFrame, target: str, features: list, drop) -> dict
 
 
 def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task: str,
-             source: str, categorical=None, numeric=None, drop=None) -> Table:
-    """Check the frame and encode it; every problem is a DataError naming the columns."""
+             source: str, categorical=None, numeric=None, drop=None, decimal: str = ".") -> Table:
+    """Check the frame and encode it; every problem is a DataError naming the columns. `decimal`:
+    the file's decimal mark (for numbers written as text)."""
     features = select_features(frame, target, features, drop)
     check_forced(features, categorical, numeric)
     left_out = not_features(frame, target, features, drop)
@@ -137,7 +138,7 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     if len(frame) < MIN_TRAIN_ROWS:
         raise DataError(f"too few rows ({len(frame)}) to train on; need at least {MIN_TRAIN_ROWS + 2}")
 
-    sorted_columns = sort_columns(frame, features, categorical, numeric)
+    sorted_columns = sort_columns(frame, features, categorical, numeric, decimal)
     kept = sorted_columns.kept
     left_out.update(sorted_columns.left_out)
     mixed = any(c.type == "categorical" or c.codes or c.text or np.isnan(c.values).any() for c in kept)
@@ -146,7 +147,9 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
         X = pd.DataFrame({c.name: c.values for c in kept})
         columns = [{"name": c.name, "input": graph_input(i, c.name), "type": c.type,
                     **({"codes": True} if c.codes else {}),
-                    **({"text": "missing"} if c.text else {})} for i, c in enumerate(kept)]
+                    **({"text": "missing"} if c.text else {}),
+                    **({"decimal": c.decimal} if c.text and c.decimal != "." else {})}
+                   for i, c in enumerate(kept)]
     else:
         X, columns = np.column_stack([c.values for c in kept]), None
 
@@ -180,13 +183,15 @@ def load_table(cfg) -> Table:
             return image_table(*digits_images(), "sklearn:digits-images", resize=False)
     except ImageError as e:
         raise DataError(str(e)) from None
+    decimal = "."
     if cfg.data:
-        frame, target, source = read_table(cfg.data), cfg.target, cfg.data
+        how, frame = read_file(cfg.data)
+        target, source, decimal = cfg.target, cfg.data, how.decimal
     else:
         frame, target = load_builtin(cfg.dataset)
         source = f"sklearn:{cfg.dataset}"
     return to_table(frame, target, cfg.features, cfg.task, source, cfg.categorical, cfg.numeric,
-                    cfg.drop)
+                    cfg.drop, decimal)
 
 
 def split_table(table: Table, val_size: float, test_size: float, seed: int) -> Split:

@@ -55,7 +55,9 @@ def code_names(columns: list[dict]) -> list[str]:
 def fit_encoder(frame: pd.DataFrame, columns: list[dict]) -> ColumnTransformer:
     """Fitted on the rows given (the training split) only."""
     frame = by_input(frame, columns)
-    numeric = SimpleImputer(strategy="median")
+    # keep_empty_features: a column with no value in these rows (a forced --numeric column, or
+    # one whose few values all fell outside the training rows) keeps its place, imputed as 0.
+    numeric = SimpleImputer(strategy="median", keep_empty_features=True)
     categorical = OneHotEncoder(categories=[kept_categories(frame[c]) for c in names(columns, "categorical")],
                                 handle_unknown="ignore", sparse_output=False, dtype=np.float64)
     # Codes: a missing value is imputed as one below the smallest code, which has no column. (The

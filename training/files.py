@@ -1,4 +1,4 @@
-"""Reading a table file as people have them, whole (`read_table`) or in chunks (`ChunkReader`),
+"""Reading a table file as people have them, whole (`read_file`) or in chunks (`ChunkReader`),
 with one set of checks and one-line errors for both.
 
 CSV: comma, semicolon, tab or pipe separated (detected, with a notice when it is not a comma;
@@ -165,8 +165,8 @@ def arrow_to_pandas(data) -> pd.DataFrame:
     return table.to_pandas()
 
 
-def read_table(path: str) -> pd.DataFrame:
-    """The whole file as a DataFrame."""
+def read_file(path: str) -> tuple[TableFile, pd.DataFrame]:
+    """The whole file as a DataFrame, and how it was read."""
     table = check_file(path)
     with read_errors(path):
         if table.parquet:
@@ -176,7 +176,7 @@ def read_table(path: str) -> pd.DataFrame:
             frame = pd.read_csv(path, **table.csv_options())
     check_header(table)
     check_rows(path, len(frame), len(frame), "")
-    return frame
+    return table, frame
 
 
 class ChunkReader:

@@ -87,7 +87,7 @@ def load_image_folder(root: str, size: int | None, max_broken: float = 0.01, pro
         raise ImageError(f"image folder not found: {root}")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     files = {c: sorted(f for f in (base / c).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
-                       and not f.name.startswith("."))
+                       and not any(part.startswith(".") for part in f.relative_to(base / c).parts))
              for c in classes}
     everything = [f for fs in files.values() for f in fs]
     sizes, modes, broken = survey(everything)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training.batches import batch_bounds
-from training.columns import LEFT_OUT_NOTES, is_date_column, numbers
+from training.columns import LEFT_OUT_NOTES, graph_numbers, is_date_column, present
 from training.data import Split, not_features, select_features
 from training.files import ChunkReader
 from training.normalize import Normalizer, StandardScaling
@@ -67,22 +67,18 @@ STREAM_ONLY = ("streaming takes complete numeric feature columns (train without 
                "impute missing values and encode categories, or --drop the column)")
 
 
-def numeric_features(frame: pd.DataFrame, features: list[str], positions: np.ndarray) -> np.ndarray:
-    """The feature columns as float64, as in memory: infinities and numbers beyond float32 are
-    missing (NaN). Text is an error at once."""
-    return np.column_stack([numbers(frame[c]) if is_number_column(frame[c])
-                            else _text_column(frame, c, positions) for c in features])
-
-
-def _text_column(frame: pd.DataFrame, name: str, positions: np.ndarray) -> np.ndarray:
-    values = frame[name]
-    converted = (pd.Series(np.nan, index=values.index) if pd.api.types.is_bool_dtype(values)
-                 else pd.to_numeric(values, errors="coerce"))  # booleans are categories, as in memory
-    if (bad := np.flatnonzero(converted.isna().to_numpy() & values.notna().to_numpy())).size:
-        value = values.iloc[bad[0]]
-        raise DataError(f"--stream: column {name!r} in data row {positions[bad[0]] + 1} is not a number "
-                        f"({getattr(value, 'item', lambda: value)()!r}); {STREAM_ONLY}")
-    return numbers(converted)
+def numeric_features(frame: pd.DataFrame, features: list[str], positions: np.ndarray,
+                     decimal: str = ".") -> np.ndarray:
+    """The feature columns as float64, read as in memory (training/columns.py): infinities and
+    numbers beyond float32 are missing (NaN). Text that is not a number is an error at once."""
+    X = np.column_stack([graph_numbers(frame[c], decimal) for c in features])
+    for j, c in enumerate(features):
+        if not is_number_column(frame[c]):
+            if (bad := np.flatnonzero(np.isnan(X[:, j]) & present(frame[c]))).size:
+                value = frame[c].iloc[bad[0]]
+                raise DataError(f"--stream: column {c!r} in data row {positions[bad[0]] + 1} is not a "
+                                f"number ({getattr(value, 'item', lambda: value)()!r}); {STREAM_ONLY}")
+    return X
 
 
 class Gaps:
@@ -103,7 +99,7 @@ class Gaps:
         for j in np.flatnonzero(gap.any(axis=0)):
             if j not in self.first_gap:
                 row = int(np.flatnonzero(gap[:, j])[0])
-                self.first_gap[j] = (int(positions[row]), "is missing" if pd.isna(raw.iloc[row, j])
+                self.first_gap[j] = (int(positions[row]), "is missing" if not present(raw.iloc[:, j])[row]
                                      else "is infinite or beyond float32, read as missing")
         for j in self.first_gap:
             if self.present[j]:  # neither empty nor complete
@@ -198,7 +194,7 @@ def _scan(cfg, reader: ChunkReader, features: list[str], normalizer: Normalizer,
     for positions, frame, split, missing_target in labelled_chunks(reader, cfg, features):
         bar.update(len(frame) + missing_target)
         dropped += missing_target
-        X, y = numeric_features(frame, features, positions), frame[cfg.target]
+        X, y = numeric_features(frame, features, positions, reader.table.decimal), frame[cfg.target]
         gaps.add(X, frame[features], positions)
         train = split == TRAIN
         target.add(y)
@@ -278,7 +274,8 @@ def train_batches(cfg, scan: Scan, rank: int, world_size: int, epoch: int, batch
         mine = (split == TRAIN) & (positions % world_size == rank)
         if not mine.any():
             continue
-        X = numeric_features(frame[mine], scan.features, positions[mine]).astype(np.float32)
+        X = numeric_features(frame[mine], scan.features, positions[mine],
+                             reader.table.decimal).astype(np.float32)
         y = scan.target.encode(frame[cfg.target].to_numpy()[mine], scan.task)
         if regression:
             y = (y - y_mean) / y_scale

@@ -34,12 +34,15 @@ def tables() -> None:
     f.to_csv(HERE / "unicode_names.csv", index=False)
     euro = base().assign(colour=colour)
     euro.to_csv(HERE / "semicolon_decimal_comma.csv", index=False, sep=";", decimal=",")
+    euro_text = euro.assign(y=[f"{v}".replace(".", ",") for v in euro.y])
+    euro_text.loc[[4, 11, 30], "y"] = ["?", "-", "?"]
+    euro_text.to_csv(HERE / "semicolon_decimal_comma_text.csv", index=False, sep=";", decimal=",")
     base().to_csv(HERE / "tab_separated.csv", index=False, sep="\t")
     (HERE / "utf8_bom.csv").write_bytes(b"\xef\xbb\xbf" + base().assign(colour=colour).to_csv(index=False).encode())
     notes = np.array(["fine", "see\nnext line", 'said "no"', "a, b"])[rng.integers(0, 4, N)]
     base().assign(note=notes).to_csv(HERE / "quoted_newlines.csv", index=False)
-    with gzip.open(HERE / "compressed.csv.gz", "wt", encoding="utf-8") as out:
-        out.write(base().to_csv(index=False))
+    with open(HERE / "compressed.csv.gz", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
+        out.write(base().to_csv(index=False).encode())
     d = base()
     d.insert(0, "id", np.arange(1000, 1000 + N))
     d["day"] = pd.date_range("2024-01-01", periods=N, freq="D").strftime("%Y-%m-%d")
@@ -55,6 +58,9 @@ def tables() -> None:
         member=pd.array(np.where(rng.random(N) < 0.2, None, rng.random(N) < 0.5), dtype="boolean"),
         city=pd.array(np.where(rng.random(N) < 0.2, None, rng.choice(["Oslo", "Lyon"], N)), dtype="string"))
     t.to_parquet(HERE / "parquet_types.parquet", index=False)
+    base().assign(tags=[["a", "b"][: i % 3] for i in range(N)],
+                  place=[{"lat": 1.0 * i, "lon": 2.0} for i in range(N)]).to_parquet(
+        HERE / "parquet_nested.parquet", index=False)
     parts = HERE / "parquet_parts"
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir()
@@ -96,6 +102,8 @@ def images() -> None:
     Image.fromarray(np.zeros((16, 16, 3), np.uint8) + 90).save(buffer, "PNG")
     (root / "red" / "truncated.png").write_bytes(buffer.getvalue()[:60])
     (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "red" / ".thumbnails").mkdir()
+    (root / "red" / ".thumbnails" / "0.png").write_bytes(b"not even an image")
     (root / "README.md").write_text("colour patches\n")
 
 
