@@ -1,7 +1,10 @@
-"""Finding the model to serve and opening it: checked once per process, at import.
+"""Finding models in the BentoML store and opening them, checked: the card matches the graph,
+the graph carries this pipeline's metadata and takes the inputs its card describes.
 
-An exit here, in the process `bentoml serve` starts from, stops the server with the reason; a
-worker that failed instead would be restarted by BentoML forever.
+`open_model` raises ModelError with the reason. At start-up the server's default model must open
+(service/registry.py turns the error into `fail`, an exit with one line, in the process `bentoml
+serve` starts from: a worker that failed instead would be restarted by BentoML forever); a load
+at run time answers it as a 400 and keeps serving what it served.
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ import bentoml
 
 from training.contract import (MODALITY_METADATA, OUTPUTS, PIPELINE_LABEL, REQUIRED_METADATA,
                                column_input, decode_metadata)
+
+
+class ModelError(ValueError):
+    """A stored model that cannot be served; the message says why."""
 
 
 def fail(message: str):
@@ -34,19 +41,35 @@ def packaged_model() -> str | None:
     return models[0] if models else None
 
 
-def resolve_model_tag() -> str:
-    """MODEL_TAG if set; else, in a built Bento, its own model; else the newest model that
-    `python -m training.fit` saved in the store."""
+def named_model_tag() -> str | None:
+    """The model start-up is told to serve by default: MODEL_TAG if set, else in a built Bento its
+    own model; None if neither (the record, or the newest model, decides: service/registry.py)."""
     if tag := os.environ.get("MODEL_TAG") or packaged_model():
         try:
             return str(bentoml.models.get(tag).tag)
         except bentoml.exceptions.NotFound:
             fail(f"MODEL_TAG={tag} is not in the BentoML model store; `bentoml models list` shows "
                  "what is there")
-    ours = [m for m in bentoml.models.list() if m.info.labels.get("pipeline") == PIPELINE_LABEL]
-    if not ours:
+    return None
+
+
+def stored_models(name: str | None = None) -> list:
+    """The store's models that `python -m training.fit` saved (of one name), oldest first."""
+    ours = [m for m in bentoml.models.list(name) if m.info.labels.get("pipeline") == PIPELINE_LABEL]
+    return sorted(ours, key=lambda m: m.info.creation_time)
+
+
+def newest_model_tag() -> str:
+    """The model trained last."""
+    if not (ours := stored_models()):
         fail("no trained model in the BentoML model store; run `python -m training.fit` first")
-    return str(max(ours, key=lambda m: m.info.creation_time).tag)
+    return str(ours[-1].tag)
+
+
+def resolve_model_tag() -> str:
+    """What a server started now serves by default, absent a record of loads: MODEL_TAG, a built
+    Bento's model, else the newest model (benchmarks start servers with it)."""
+    return named_model_tag() or newest_model_tag()
 
 
 def check_card(path: Path, tag: str) -> dict:
@@ -55,11 +78,11 @@ def check_card(path: Path, tag: str) -> dict:
     try:
         card = json.loads(card_path.read_text())
     except (OSError, ValueError) as e:
-        fail(f"{tag}: cannot read {card_path}: {e}")
+        raise ModelError(f"{tag}: cannot read {card_path}: {e}") from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "(no file)"
     if digest != card.get("onnx_sha256"):
-        fail(f"{tag}: model.onnx does not match its card (sha256 {digest[:12]}..., card says "
-             f"{str(card.get('onnx_sha256'))[:12]}...): the file is damaged or was altered")
+        raise ModelError(f"{tag}: model.onnx does not match its card (sha256 {digest[:12]}..., card "
+                         f"says {str(card.get('onnx_sha256'))[:12]}...): the file is damaged or was altered")
     return card
 
 
@@ -77,9 +100,12 @@ def inputs_match_card(session, card: dict) -> str | None:
 
 
 def open_model(tag: str, threads: int = 1):
-    """An onnxruntime session and the model's metadata, or a one-line exit saying what is wrong."""
+    """An onnxruntime session and the model's metadata, or ModelError saying what is wrong."""
     import onnxruntime as ort
-    path = bentoml.models.get(tag).path_of("model.onnx")
+    try:
+        path = bentoml.models.get(tag).path_of("model.onnx")
+    except bentoml.exceptions.NotFound:
+        raise ModelError(f"{tag} is not in the BentoML model store") from None
     card = check_card(Path(path), tag)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -88,13 +114,13 @@ def open_model(tag: str, threads: int = 1):
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         meta = decode_metadata(session.get_modelmeta().custom_metadata_map)
     except Exception as e:
-        fail(f"{tag}: cannot load {path}: {str(e).strip().splitlines()[0]}")
+        raise ModelError(f"{tag}: cannot load {path}: {str(e).strip().splitlines()[0]}") from None
     required = REQUIRED_METADATA + MODALITY_METADATA.get(meta.get("modality"), ())
     if missing := [k for k in required if k not in meta]:
-        fail(f"{tag}: model.onnx lacks metadata {', '.join(missing)}; "
-             "was it exported by `python -m training.fit`?")
+        raise ModelError(f"{tag}: model.onnx lacks metadata {', '.join(missing)}; "
+                         "was it exported by `python -m training.fit`?")
     if meta["task"] not in OUTPUTS or meta["modality"] not in MODALITY_METADATA:
-        fail(f"{tag}: unknown task or modality in the model metadata")
+        raise ModelError(f"{tag}: unknown task or modality in the model metadata")
     if problem := inputs_match_card(session, card):
-        fail(f"{tag}: model.onnx does not fit its card: {problem}")
+        raise ModelError(f"{tag}: model.onnx does not fit its card: {problem}")
     return session, meta

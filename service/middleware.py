@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import parse_qs
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -112,16 +113,33 @@ class _TooLarge(Exception):
     pass
 
 
-class FastPredict:
-    """POST `route`, answered here: a JSON body by `json(body)`, a .npy array (bulk scoring) by
-    `npy(body)`, each returning (status, JSON bytes); any other content type gets a 400. This
-    skips BentoML's generic per-request parsing and validation, which cost more than scoring
-    itself (docs/benchmarks.md). The body is read within `timeout` seconds."""
+def chosen_model(scope) -> str | None:
+    """The `model` query parameter (NAME or NAME:VERSION), if the request names one."""
+    query = scope.get("query_string", b"")
+    if not query:
+        return None
+    return parse_qs(query.decode(errors="replace")).get("model", [None])[-1]
 
-    def __init__(self, app, route: str, json, npy, timeout: float):
-        self.app, self.route, self.answers = app, route, {b"application/json": json}
-        self.answers.update(dict.fromkeys(NPY_TYPES, npy))
-        self.timeout = timeout
+
+def scorer_or_reply(registry, scope):
+    """The scorer a request names with ?model= (else the server's default), or an error answer."""
+    from service.registry import NotLoaded
+    try:
+        return registry.find(chosen_model(scope)), None
+    except NotLoaded as e:
+        return None, (404, str(e))
+
+
+class FastPredict:
+    """POST `route`, answered here by the scorer of the model the request names (?model=NAME or
+    NAME:VERSION; else the server's default): a JSON body by its `answer_json`, a .npy array
+    (bulk scoring) by its `answer_npy`; any other content type gets a 400. This skips BentoML's
+    generic per-request parsing and validation, which cost more than scoring itself
+    (docs/benchmarks.md). The body is read within `timeout` seconds."""
+
+    def __init__(self, app, route: str, registry, timeout: float):
+        self.app, self.route, self.registry, self.timeout = app, route, registry, timeout
+        self.answers = {b"application/json": "answer_json", **dict.fromkeys(NPY_TYPES, "answer_npy")}
 
     async def __call__(self, scope, receive, send):
         if not _posted_to(scope, self.route):
@@ -135,16 +153,21 @@ class FastPredict:
             return await reply(send, 400, f"unsupported Content-Type {kind.decode(errors='replace')!r}: "
                                           "send JSON (application/json) or a NumPy array "
                                           "(application/x-npy)")
-        await send_json(send, *self.answers[kind](body))
+        scorer, error = (self.registry.served.default, None) if not scope.get("query_string") \
+            else scorer_or_reply(self.registry, scope)
+        if error:
+            return await reply(send, *error)
+        await send_json(send, *getattr(scorer, self.answers[kind])(body))
 
 
 class OpenInference:
     """The Open Inference Protocol's paths (/v2 and below), answered by `protocol.handle`
-    (service/oip.py); a binary answer goes out as application/octet-stream. The body is read
-    within `timeout` seconds."""
+    (service/oip.py), and its model repository extension (/v2/repository/..., by
+    `repository.handle`: service/repository.py); a binary answer goes out as
+    application/octet-stream. The body is read within `timeout` seconds."""
 
-    def __init__(self, app, protocol, timeout: float):
-        self.app, self.protocol, self.timeout = app, protocol, timeout
+    def __init__(self, app, protocol, repository, timeout: float):
+        self.app, self.protocol, self.repository, self.timeout = app, protocol, repository, timeout
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
@@ -153,6 +176,9 @@ class OpenInference:
         body = await body_or_reply(receive, send, self.timeout) if scope["method"] == "POST" else b""
         if body is None:
             return
+        if path.startswith("/v2/repository/"):
+            return await send_json(send, *await self.repository.handle(scope["method"], path,
+                                                                       scope["headers"], body))
         length = next((v for k, v in scope["headers"] if k == HEADER_LENGTH), None)
         status, headers, answer = self.protocol.handle(scope["method"], path, body, length)
         kind = b"application/octet-stream" if headers else b"application/json"
@@ -173,13 +199,14 @@ def _content_type(scope) -> bytes:
     return b"application/json"  # BentoML treats a request without a content type as JSON too
 
 
-class UploadGuard:
-    """BentoML 1.4 answers 500 when binary data arrives under an unexpected multipart field (it
-    tries to decode it as JSON). Check the form posted to `route` first: exactly one file in the
-    multipart field `field`."""
+class ImageUpload:
+    """POST `route` with an image file, answered here by the scorer of the model the request
+    names (?model=, as FastPredict): exactly one file in the multipart field `field`, read by the
+    code training read its images with. (BentoML 1.4 answers 500 when binary data arrives under an
+    unexpected field: it tries to decode it as JSON.)"""
 
-    def __init__(self, app, route: str, field: str):
-        self.app, self.route, self.field = app, route, field
+    def __init__(self, app, route: str, field: str, registry):
+        self.app, self.route, self.field, self.registry = app, route, field, registry
 
     async def __call__(self, scope, receive, send):
         if not _posted_to(scope, self.route):
@@ -187,16 +214,11 @@ class UploadGuard:
         body = await read_body(receive)
         if body is None:
             return
-        replayed = False
 
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
+        async def once():
             return {"type": "http.request", "body": body, "more_body": False}
 
-        request = Request(scope, replay)
+        request = Request(scope, once)
         if _content_type(scope) != b"multipart/form-data":
             return await reply(send, 400, f"upload the image as multipart/form-data in the field "
                                            f"{self.field!r}")
@@ -206,9 +228,12 @@ class UploadGuard:
             return await reply(send, 400, f"malformed multipart body: {e}")
         fields = list(form.keys())
         ok = fields == [self.field] and isinstance(form[self.field], UploadFile)
+        data = await form[self.field].read() if ok else b""
         await form.close()
         if not ok:
             return await reply(send, 400, f"expected one file in the multipart field {self.field!r}, "
                                            f"got field(s): {', '.join(fields) or 'none'}")
-        replayed = False
-        await self.app(scope, replay, send)
+        scorer, error = scorer_or_reply(self.registry, scope)
+        if error:
+            return await reply(send, *error)
+        await send_json(send, *scorer.answer_image(data))

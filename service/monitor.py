@@ -1,6 +1,9 @@
 """Covariate-shift monitor: the raw inputs the service scores, counted into the training profile's
 bins (training/drift.py) and compared with it (training/drift_stats.py).
 
+Per model version (the `model` label, name:version, on every series): each loaded version has a
+monitor of its own, so a new default version starts its own window.
+
 Constant memory: each worker keeps its counts in a small shared-memory file: since start, and a
 ring of buckets of recent rows, each stamped with the time of its last row. Any worker reads every
 worker's file to answer GET /drift and to set the per-server Prometheus gauges: since start is the
@@ -64,14 +67,14 @@ def metrics() -> dict:
     recent, top = {"multiprocess_mode": "mostrecent"}, {"multiprocess_mode": "max"}
     return {
         "psi": Gauge("normserve_drift_psi", "population stability index of live inputs vs. training",
-                     ["feature", "window"], **recent),
+                     ["model", "feature", "window"], **recent),
         "mean_shift": Gauge("normserve_drift_mean_shift", "(live mean - training mean) / training std",
-                            ["feature", "window"], **recent),
+                            ["model", "feature", "window"], **recent),
         "verdict": Gauge("normserve_drift_verdict", "0 ok, 1 warn, 2 retrain, -1 not enough data",
-                         ["feature", "window"], **recent),
+                         ["model", "feature", "window"], **recent),
         "overall": Gauge("normserve_drift_overall", "worst feature verdict (0 ok, 1 warn, 2 retrain, "
-                         "-1 not enough data)", ["window"], **recent),
-        "rows": Gauge("normserve_drift_rows", "rows counted", ["window"], **recent),
+                         "-1 not enough data)", ["model", "window"], **recent),
+        "rows": Gauge("normserve_drift_rows", "rows counted", ["model", "window"], **recent),
         "counted": Counter("normserve_drift_counted_rows", "rows counted by the drift monitor", ["model"]),
         "bin_rows": Counter("normserve_drift_bin_rows", "counted rows per test bin of a feature",
                             ["model", "feature", "bin"]),
@@ -116,6 +119,9 @@ class Monitor:
             os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.gettempdir(), "normserve-drift")
         self.dir, self.pattern = Path(root), f"{key}-*.f64"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # A version loaded again counts anew: a file of its own, not the one an earlier load of it
+        # in this process may still have mapped.
+        (self.dir / f"{key}-{os.getpid()}.f64").unlink(missing_ok=True)
         # Row 0: since start; rows 1..BUCKETS: the ring of recent buckets. The last column holds
         # the time a bucket was last added to (row 0: the rows answered, counted or not).
         self.file = np.memmap(self.dir / f"{key}-{os.getpid()}.f64", np.float64, "w+",
@@ -260,10 +266,10 @@ class Monitor:
         m = self.metrics
         for window in WINDOWS:
             r = report[window]
-            m["rows"].labels(window).set(r["rows"])
-            m["overall"].labels(window).set(verdict_code(r["verdict"]))
+            m["rows"].labels(self.model, window).set(r["rows"])
+            m["overall"].labels(self.model, window).set(verdict_code(r["verdict"]))
             for f in r["features"]:
-                labels = (f["name"], window)
+                labels = (self.model, f["name"], window)
                 m["verdict"].labels(*labels).set(verdict_code(f["verdict"]))
                 if f["psi"] is not None:
                     m["psi"].labels(*labels).set(f["psi"])

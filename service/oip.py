@@ -5,7 +5,8 @@ tensor extension: what tritonclient, KServe's and Seldon's clients speak.
     GET  /v2/models/{name}[/versions/{version}], .../ready
     POST /v2/models/{name}[/versions/{version}]/infer
 
-{name} and {version} are the model's in the BentoML store. Inputs are the graph's: one FP32
+{name} and {version} are a loaded model's in the BentoML store (service/registry.py); without a
+version, the model's default version answers, and every answer names the version that scored it. Inputs are the graph's: one FP32
 [-1, features] tensor for a table; one [-1, 1] tensor per column for a mixed table (FP32 numbers,
 NaN for a gap; BYTES text); UINT8 [-1, channels, height, width] for images. Outputs: classification
 `probabilities` FP32 [-1, classes], `label` INT64 [-1] (the class's index) and `prediction` BYTES
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+import time
 
 import numpy as np
 import orjson
@@ -45,9 +47,12 @@ class NotFound(BadRequest):
         super().__init__(message, status=404)
 
 
-class Protocol:
-    def __init__(self, scorer, version: str):
-        self.scorer, self.server_version = scorer, version
+class View:
+    """What the protocol says of one loaded model version: its name and version, its input and
+    output tensors. Made once per version (kept on its scorer)."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
         self.name, self.version = scorer.tag.split(":", 1)
         if scorer.columns:
             self.inputs = [{"name": c["name"], "datatype": "FP32" if c["type"] == "numeric" else "BYTES",
@@ -63,21 +68,38 @@ class Protocol:
         self.datatypes = {o["name"]: o["datatype"] for o in self.outputs}
         self.class_texts = [str(c) for c in scorer.classes or ()]  # `prediction` of classification
 
+
+def view(scorer) -> View:
+    if scorer.protocol is None:
+        scorer.protocol = View(scorer)
+    return scorer.protocol
+
+
+class Protocol:
+    """The protocol's paths for every model version the registry serves (service/registry.py);
+    /v2/repository/... is service/repository.py's."""
+
+    def __init__(self, registry, version: str):
+        self.registry, self.server_version = registry, version
+
     # ---- metadata ---------------------------------------------------------------------------
 
     def server_metadata(self) -> dict:
-        return {"name": "normserve", "version": self.server_version, "extensions": ["binary_tensor_data"]}
+        return {"name": "normserve", "version": self.server_version,
+                "extensions": ["binary_tensor_data", "model_repository"]}
 
-    def model(self, name: str, version: str | None) -> None:
-        if name != self.name:
-            raise NotFound(f"unknown model {name!r}; this server serves {self.name!r}")
-        if version is not None and version != self.version:
-            raise NotFound(f"model {name!r} has no version {version!r}; it serves {self.version!r}")
+    def model(self, name: str, version: str | None) -> View:
+        from service.registry import NotLoaded
+        try:
+            return view(self.registry.find(name, version))
+        except NotLoaded as e:
+            raise NotFound(str(e)) from None
 
-    def model_metadata(self) -> dict:
-        return {"name": self.name, "versions": [self.version], "platform": "onnxruntime_onnx",
-                "inputs": self.inputs, "outputs": self.outputs,
-                "parameters": {"task": self.scorer.task, "classes": self.scorer.classes}}
+    def model_metadata(self, v: View) -> dict:
+        return {"name": v.name, "versions": self.registry.served.versions(v.name),
+                "platform": "onnxruntime_onnx", "inputs": v.inputs, "outputs": v.outputs,
+                "parameters": {"task": v.scorer.task, "classes": v.scorer.classes,
+                               "default_version": self.registry.served.defaults.get(v.name)}}
 
     def handle(self, method: str, path: str, body: bytes, header_length: bytes | None) -> tuple[int, list, bytes]:
         """(status, extra headers, body) for a request to a /v2 path."""
@@ -88,44 +110,55 @@ class Protocol:
                                              {path.rsplit("/", 1)[1]: True})
             route = ROUTE.fullmatch(path)
             if route is None:
-                raise NotFound(f"no such path {path}; the protocol's paths are /v2, /v2/health/live|ready "
-                               f"and /v2/models/{self.name}[/versions/{self.version}][/ready|/infer]")
-            self.model(route["name"], route["version"])
+                raise NotFound(f"no such path {path}; the protocol's paths are /v2, /v2/health/live|ready, "
+                               "/v2/models/{name}[/versions/{version}][/ready|/infer] and "
+                               "/v2/repository/index|models/{name}/load|unload")
+            v = self.model(route["name"], route["version"])
             if route["action"] == "/infer":
                 allow(method, "POST")
-                return self.infer(body, header_length)
+                return self.infer(v, body, header_length)
             allow(method, "GET")
-            return 200, [], orjson.dumps({"name": self.name, "ready": True} if route["action"]
-                                         else self.model_metadata())
+            return 200, [], orjson.dumps({"name": v.name, "version": v.version, "ready": True}
+                                         if route["action"] else self.model_metadata(v))
         except BadRequest as e:
             return e.status, [], orjson.dumps({"error": str(e)})
 
     # ---- inference --------------------------------------------------------------------------
 
-    def infer(self, body: bytes, header_length: bytes | None) -> tuple[int, list, bytes]:
-        """(status, extra headers, body) for POST .../infer; raises BadRequest."""
-        head, binary = split_body(body, header_length)
-        request = loads(head)
-        tensors = self.read_inputs(request, binary)
-        out = self.scorer.run(self.feeds(tensors))
-        return 200, *self.write_outputs(request, out)
+    def infer(self, v: View, body: bytes, header_length: bytes | None) -> tuple[int, list, bytes]:
+        """(status, extra headers, body) for POST .../infer, counted in the version's request
+        metrics; raises BadRequest."""
+        started, status = time.perf_counter(), 400
+        try:
+            head, binary = split_body(body, header_length)
+            request = loads(head)
+            tensors = self.read_inputs(v, request, binary)
+            out = v.scorer.run(self.feeds(v, tensors))
+            answer = 200, *self.write_outputs(v, request, out)
+            status = 200
+            return answer
+        except BadRequest as e:
+            status = e.status
+            raise
+        finally:
+            v.scorer.observe(status, started)
 
-    def read_inputs(self, request: dict, binary: bytes) -> dict:
+    def read_inputs(self, v: View, request: dict, binary: bytes) -> dict:
         given = request.get("inputs")
         if not isinstance(given, list) or not all(isinstance(t, dict) for t in given):
             raise BadRequest("'inputs' must be a list of tensors ({\"name\", \"datatype\", \"shape\", \"data\"})")
-        expected = {t["name"]: t for t in self.inputs}
+        expected = {t["name"]: t for t in v.inputs}
         names = [t.get("name") for t in given]
         if not all(isinstance(n, str) for n in names):
             raise BadRequest("every input needs a 'name' (a string)")
         if unknown := [str(n) for n in names if n not in expected]:
             raise BadRequest(f"unknown input(s) {', '.join(unknown)}; the model takes "
-                             f"{', '.join(expected)} (GET /v2/models/{self.name})")
+                             f"{', '.join(expected)} (GET /v2/models/{v.name})")
         if missing := [n for n in expected if n not in names]:
             raise BadRequest(f"missing input(s) {', '.join(missing)}")
         if len(set(names)) != len(names):
             raise BadRequest("an input is given twice")
-        tensors, offset = {}, 0
+        tensors, offset, max_rows = {}, 0, v.scorer.max_rows
         for t in given:
             spec, name = expected[t["name"]], t["name"]
             if t.get("datatype") != spec["datatype"]:
@@ -134,8 +167,8 @@ class Protocol:
             if (not isinstance(shape, list) or len(shape) != len(spec["shape"])
                     or not all(type(d) is int and d >= 0 for d in shape) or shape[1:] != spec["shape"][1:]):
                 raise BadRequest(f"input {name}: shape {shape}, expected {spec['shape']} (-1: any number of rows)")
-            if not 1 <= shape[0] <= self.scorer.max_rows:
-                raise BadRequest(f"input {name}: {shape[0]} rows; send 1 to {self.scorer.max_rows} "
+            if not 1 <= shape[0] <= max_rows:
+                raise BadRequest(f"input {name}: {shape[0]} rows; send 1 to {max_rows} "
                                  "per request (or raise MAX_ROWS)")
             count = math.prod(shape)
             size = parameters(t, f"input {name}").get("binary_data_size")
@@ -156,9 +189,9 @@ class Protocol:
             raise BadRequest("the inputs have different numbers of rows")
         return tensors
 
-    def feeds(self, tensors: dict) -> dict[str, np.ndarray]:
+    def feeds(self, v: View, tensors: dict) -> dict[str, np.ndarray]:
         """The checked graph inputs, by the parsers /predict uses."""
-        s = self.scorer
+        s = v.scorer
         if s.columns:  # records, with NaN (binary FP32) and null as gaps
             columns = [as_list(tensors[c["name"]][0]) for c in s.columns]
             return parse_records([list(row) for row in zip(*columns)], s.columns, s.max_rows)
@@ -171,12 +204,12 @@ class Protocol:
             return {s.input: array}
         return s.check(nest(values, shape))  # JSON: the rows (or images) as /predict takes them
 
-    def write_outputs(self, request: dict, out: list[np.ndarray]) -> tuple[list, bytes]:
-        s = self.scorer
+    def write_outputs(self, v: View, request: dict, out: list[np.ndarray]) -> tuple[list, bytes]:
+        s = v.scorer
         if s.task == "classification":
             probabilities, labels = out
             tensors = {"probabilities": np.asarray(probabilities, np.float32),
-                       "label": np.asarray(labels, np.int64), "prediction": [self.class_texts[i] for i in labels.tolist()]}
+                       "label": np.asarray(labels, np.int64), "prediction": [v.class_texts[i] for i in labels.tolist()]}
         else:
             tensors = {"prediction": np.asarray(out[0], np.float32).reshape(len(out[0]))}
         wanted = request.get("outputs")
@@ -192,7 +225,7 @@ class Protocol:
         for w in wanted:
             name, value = w["name"], tensors[w["name"]]
             shape = list(value.shape) if isinstance(value, np.ndarray) else [len(value)]
-            entry = {"name": name, "datatype": self.datatypes[name], "shape": shape}
+            entry = {"name": name, "datatype": v.datatypes[name], "shape": shape}
             if parameters(w, f"output {name}").get("binary_data", all_binary):
                 blob = to_binary(value)
                 entry["parameters"] = {"binary_data_size": len(blob)}
@@ -200,7 +233,7 @@ class Protocol:
             else:
                 entry["data"] = value.ravel() if isinstance(value, np.ndarray) else value
             answers.append(entry)
-        doc = {"model_name": self.name, "model_version": self.version, "outputs": answers}
+        doc = {"model_name": v.name, "model_version": v.version, "outputs": answers}
         if "id" in request:
             doc["id"] = request["id"]
         head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -6,16 +6,43 @@ One `Scorer` per worker process. The JSON/.npy fast path (service/middleware.py)
 """
 from __future__ import annotations
 
+import functools
+import time
+
 import numpy as np
 import orjson
 
 from service import monitor
 from service.inputs import BadRequest, parse_body, parse_images, parse_instances, parse_npy, parse_records
 from training.contract import OUTPUTS
+from training.images import ImageError, read_image
 
 PUBLIC_METADATA = ("model", "task", "modality", "input", "outputs", "feature_names", "columns", "left_out", "image",
                    "classes", "normalization", "target_normalization", "metrics", "versions",
                    "created_at", "schema_version")
+
+
+def input_signature(meta: dict) -> tuple:
+    """What a request to a model must carry: two versions with the same signature take the same
+    requests."""
+    if meta.get("image"):
+        im = meta["image"]
+        return "image", im["channels"], im["height"], im["width"], bool(im.get("resize"))
+    if meta.get("columns"):
+        return "mixed", tuple((c["name"], c["type"], c.get("text")) for c in meta["columns"])
+    return "table", tuple(meta["feature_names"])
+
+
+@functools.cache  # once per process: Prometheus metrics are registered globally
+def request_metrics():
+    """Per model version (`model` is name:version): prediction requests by status, and the time
+    spent checking, scoring and answering them."""
+    from prometheus_client import Counter, Histogram
+    return (Counter("normserve_model_requests", "prediction requests answered, per model version "
+                    "and HTTP status", ["model", "code"]),
+            Histogram("normserve_model_request_duration_seconds", "time to check, score and answer a "
+                      "prediction request, per model version", ["model"],
+                      buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
 
 
 class Scorer:
@@ -32,12 +59,18 @@ class Scorer:
                       else (len(self.feature_names),))
         self.metadata = {**{k: meta.get(k) for k in PUBLIC_METADATA}, "max_rows": max_rows}
         self.monitor: monitor.Monitor | None = None
+        self.counted: dict[int, object] = {}  # HTTP status -> its request counter (start())
+        self.duration = None
+        self.protocol = None  # what the Open Inference Protocol says of this model (service/oip.py)
 
     def start(self) -> None:
         """In a worker: start the drift monitor (its counts live in a per-process file) and run
         the graph once, since the first run allocates."""
         if monitor.ENABLED and self.meta.get("drift"):
             self.monitor = monitor.Monitor(self.meta)
+        requests, duration = request_metrics()
+        self.counted = {code: requests.labels(self.tag, str(code)) for code in (200, 400)}
+        self.duration = duration.labels(self.tag)
         if self.image:
             example = {self.input: np.zeros((1, *self.shape), np.uint8)}
         elif self.columns:
@@ -90,10 +123,22 @@ class Scorer:
     def answer(self, inputs) -> tuple[int, bytes]:
         """(HTTP status, JSON body) for a prediction; `inputs()` returns the checked graph inputs
         or raises BadRequest."""
+        started = time.perf_counter()
         try:
-            return 200, self.score(inputs())
+            status, body = 200, self.score(inputs())
         except BadRequest as e:
-            return e.status, orjson.dumps({"error": str(e)})
+            status, body = e.status, orjson.dumps({"error": str(e)})
+        self.observe(status, started)
+        return status, body
+
+    def observe(self, status: int, started: float) -> None:
+        """Count an answered prediction request in this version's request metrics."""
+        if self.duration is None:  # not started: an in-process caller
+            return
+        if (counter := self.counted.get(status)) is None:
+            counter = self.counted[status] = request_metrics()[0].labels(self.tag, str(status))
+        counter.inc()
+        self.duration.observe(time.perf_counter() - started)
 
     def answer_json(self, body: bytes) -> tuple[int, bytes]:
         """A JSON request body {"instances": [...]}."""
@@ -102,6 +147,24 @@ class Scorer:
     def answer_npy(self, body: bytes) -> tuple[int, bytes]:
         """A .npy request body (numpy.save) of rows or images."""
         return self.answer(lambda: self.check_npy(body))
+
+    def answer_image(self, data: bytes) -> tuple[int, bytes]:
+        """An uploaded PNG/JPEG file, read by the code training read its images with."""
+        return self.answer(lambda: self.check_image(data))
+
+    def check_image(self, data: bytes) -> dict[str, np.ndarray]:
+        if not self.image:
+            raise BadRequest("this model takes table rows, not images: POST them to /predict")
+        c, h, w = self.shape
+        try:
+            pixels = read_image(data, c, (h, w) if self.image["resize"] else None,
+                                self.image.get("fit", "stretch"))
+        except ImageError as e:
+            raise BadRequest(str(e)) from None
+        if pixels.shape != self.shape:
+            raise BadRequest(f"the image is {pixels.shape[2]}x{pixels.shape[1]} pixels; this model takes "
+                             f"{w}x{h} (it was trained on images of one size, so uploads are not resized)")
+        return {self.input: pixels[None]}
 
     def drift(self) -> dict:
         """Live inputs vs. the training profile (GET /drift), or why there is no monitor."""

@@ -3,15 +3,18 @@
 The service does no arithmetic on the inputs: it checks them (table rows, or uint8 images read by
 the same code training used), hands them to onnxruntime, and maps class indices to the training
 data's labels (service/scoring.py). `bentoml serve` (from the repository root) serves the model
-trained last; MODEL_TAG=<name>:<version> picks another.
+trained last; MODEL_TAG=<name>:<version> picks another. More models and versions are loaded,
+switched and unloaded while it runs (service/registry.py, service/repository.py): a request names
+one with ?model=NAME[:VERSION], or gets the server's default model.
 
 How a request is answered: POST /predict (JSON or .npy) by the FastPredict middleware, which calls
-the scorer directly, skipping BentoML's generic parsing; POST /predict_image by the @bentoml.api
-method below; GET /metadata and /drift by a small Starlette app. The @bentoml.api `predict`
-method is never reached over HTTP: it declares the request schema for the OpenAPI spec
-(/docs.json) and answers in-process callers (a service that composes this one with
-bentoml.depends, or a test) through the same scorer, with a Starlette Response carrying the
-status and JSON body HTTP would (errors come back as a 4xx Response, not raised).
+the scorer directly, skipping BentoML's generic parsing; POST /predict_image by the ImageUpload
+middleware; the Open Inference Protocol and its model repository by the OpenInference middleware;
+GET /metadata and /drift by a small Starlette app. The @bentoml.api methods are never reached over
+HTTP: they declare the request schemas for the OpenAPI spec (/docs.json) and answer in-process
+callers (a service that composes this one with bentoml.depends, or a test) through the default
+model's scorer, with a Starlette Response carrying the status and JSON body HTTP would (errors
+come back as a 4xx Response, not raised).
 """
 from __future__ import annotations
 
@@ -30,14 +33,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import bentoml_patches
-from service.inputs import BadRequest
-from service.loading import open_model, resolve_model_tag
-from service.middleware import BodyLimit, FastPredict, OpenInference, UploadGuard
+from service.middleware import BodyLimit, FastPredict, ImageUpload, OpenInference, chosen_model
 from service.oip import Protocol
+from service.registry import NotLoaded, Registry
+from service.repository import Repository
 from service.schema import example, instances_type
-from service.scoring import Scorer
 from training.contract import PIPELINE_LABEL
-from training.images import ImageError, read_image
 
 MAX_ROWS = int(os.environ.get("MAX_ROWS", "10000"))
 MAX_BODY_MB = float(os.environ.get("MAX_BODY_MB", "64"))
@@ -48,12 +49,12 @@ TIMEOUT_S = 30  # a request not answered by then gets a 504
 
 bentoml_patches.apply(routes=(PREDICT_ROUTE, UPLOAD_ROUTE, "/metadata", "/drift"), tracing=TRACING,
                       front=(BodyLimit, FastPredict, OpenInference))
-MODEL_TAG = resolve_model_tag()
 # BentoML sets no thread limits: workers each using every core would fight each other. Count the
 # cores this process may run on (taskset, cgroups), not the machine's.
 THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
-SCORER = Scorer(*open_model(MODEL_TAG, THREADS), MAX_ROWS)
-Instances = instances_type(SCORER.meta, MAX_ROWS)  # documents this model's requests in the spec
+REGISTRY = Registry(THREADS, MAX_ROWS)  # opens the default model (and the record's others) now
+MODEL_TAG = REGISTRY.served.default.tag  # the default model at start-up
+Instances = instances_type(REGISTRY.served.default.meta, MAX_ROWS)  # documents its requests in the spec
 
 
 class Prediction(BaseModel):
@@ -64,13 +65,25 @@ class Prediction(BaseModel):
     model: str = Field(description="<name>:<version> of the model that answered")
 
 
-async def metadata_route(request: Request) -> JSONResponse:
-    return JSONResponse(SCORER.metadata)
+def chosen(request: Request):
+    """The scorer of the model a GET names with ?model=NAME[:VERSION] (else the default)."""
+    return REGISTRY.find(chosen_model(request.scope))
+
+
+async def metadata_route(request: Request) -> Response:
+    try:
+        return JSONResponse(chosen(request).metadata)
+    except NotLoaded as e:
+        return JSONResponse({"error": str(e)}, status_code=404)
 
 
 async def drift_route(request: Request) -> Response:
-    """Live inputs vs. the training profile, per feature, since start and over the recent window."""
-    return Response(orjson.dumps(SCORER.drift()), media_type="application/json")
+    """Live inputs vs. the training profile, per feature, since start and over the recent window
+    (per model version: each version counts its own inputs)."""
+    try:
+        return Response(orjson.dumps(chosen(request).drift()), media_type="application/json")
+    except NotLoaded as e:
+        return JSONResponse({"error": str(e)}, status_code=404)
 
 
 @bentoml.asgi_app(Starlette(routes=[Route("/metadata", metadata_route, methods=["GET"]),
@@ -87,8 +100,9 @@ class Predictor:
     model = bentoml.models.BentoModel(MODEL_TAG)  # a class attribute, so `bentoml build` packages it
 
     def __init__(self) -> None:
-        # /readyz turns ready only after this returns: the monitor is started and the graph warm.
-        SCORER.start()
+        # /readyz turns ready only after this returns: the monitors are started and the graphs
+        # warm; then the record of loads is followed.
+        REGISTRY.start()
         # Start-up leaves ~100,000 objects that live as long as the worker: out of the garbage
         # collector's way, so that its full collections do not walk them (50-70 ms pauses).
         gc.freeze()
@@ -101,10 +115,11 @@ class Predictor:
                         "keyed by feature name (GET /metadata lists the names); mixed tables: "
                         "records with numbers, text and null; image models: images as "
                         "[channels][height][width] lists of integers 0..255",
-            examples=[example(SCORER.meta)])],
+            examples=[example(REGISTRY.served.default.meta)])],
     ) -> Prediction:
         # Over HTTP, FastPredict answers first (see the module docstring); in process, this.
-        status, body = SCORER.answer(lambda: SCORER.check(instances))
+        scorer = REGISTRY.served.default
+        status, body = scorer.answer(lambda: scorer.check(instances))
         # A Response skips BentoML's per-call re-validation of the declared output model.
         return Response(body, status_code=status, media_type="application/json")
 
@@ -113,25 +128,13 @@ class Predictor:
         self, image: Annotated[Path, Field(description=f"a PNG or JPEG file (multipart field "
                                                        f"'{UPLOAD_FIELD}')")],
     ) -> Prediction:
-        try:
-            if not SCORER.image:
-                raise BadRequest(f"this model takes table rows, not images: POST them to {PREDICT_ROUTE}")
-            c, h, w = SCORER.shape
-            pixels = read_image(image.read_bytes(), c, (h, w) if SCORER.image["resize"] else None,
-                                SCORER.image.get("fit", "stretch"))
-            if pixels.shape != SCORER.shape:
-                raise BadRequest(f"the image is {pixels.shape[2]}x{pixels.shape[1]} pixels; this model "
-                                 f"takes {w}x{h} (it was trained without --image-size, so uploads "
-                                 "are not resized)")
-            body = SCORER.score({SCORER.input: pixels[None]})
-        except (BadRequest, ImageError) as e:
-            return JSONResponse({"error": str(e)}, status_code=getattr(e, "status", 400))
-        return Response(body, media_type="application/json")
+        # Over HTTP, ImageUpload answers first; in process, this.
+        status, body = REGISTRY.served.default.answer_image(image.read_bytes())
+        return Response(body, status_code=status, media_type="application/json")
 
 
 Predictor.add_asgi_middleware(BodyLimit, max_bytes=int(MAX_BODY_MB * 2 ** 20))
-Predictor.add_asgi_middleware(UploadGuard, route=UPLOAD_ROUTE, field=UPLOAD_FIELD)
-Predictor.add_asgi_middleware(FastPredict, route=PREDICT_ROUTE, json=SCORER.answer_json,
-                              npy=SCORER.answer_npy, timeout=TIMEOUT_S)
-Predictor.add_asgi_middleware(OpenInference, protocol=Protocol(SCORER, version("normserve")),
-                              timeout=TIMEOUT_S)
+Predictor.add_asgi_middleware(ImageUpload, route=UPLOAD_ROUTE, field=UPLOAD_FIELD, registry=REGISTRY)
+Predictor.add_asgi_middleware(FastPredict, route=PREDICT_ROUTE, registry=REGISTRY, timeout=TIMEOUT_S)
+Predictor.add_asgi_middleware(OpenInference, protocol=Protocol(REGISTRY, version("normserve")),
+                              repository=Repository(REGISTRY), timeout=TIMEOUT_S)

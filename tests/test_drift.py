@@ -146,9 +146,9 @@ def test_a_shifted_feature_is_flagged_alone_and_the_window_forgets_it(server, mo
 
     status, metrics = request(server + "/metrics")
     assert status == 200
-    assert 'normserve_drift_verdict{feature="income",window="recent"} 2.0' in metrics
-    assert 'normserve_drift_verdict{feature="age",window="recent"} 0.0' in metrics
-    assert 'normserve_drift_overall{window="recent"} 2.0' in metrics
+    assert f'normserve_drift_verdict{{feature="income",model="{model.tag}",window="recent"}} 2.0' in metrics
+    assert f'normserve_drift_verdict{{feature="age",model="{model.tag}",window="recent"}} 0.0' in metrics
+    assert f'normserve_drift_overall{{model="{model.tag}",window="recent"}} 2.0' in metrics
     # For the fleet: both workers' counts as counters, the training side as gauges.
     tag = f'model="{model.tag}"'
     metric(server, f"normserve_drift_counted_rows_total{{{tag}}}", float(WINDOW))

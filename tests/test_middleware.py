@@ -97,10 +97,22 @@ def test_a_response_under_way_is_not_cut_off_and_errors_are_not_waited_for(deadl
 
 # ---- the fast path's own deadline: it answers before BentoML's timeout middleware ------------
 
+class EchoScorer:
+    @staticmethod
+    def answer_json(body):
+        return 200, body.upper()
+
+    @staticmethod
+    def answer_npy(body):
+        return 200, b"npy"
+
+
 def fast_predict(timeout: float):
+    from types import SimpleNamespace
+
     from service.middleware import FastPredict
-    return FastPredict(inner_app, route="/predict", json=lambda body: (200, body.upper()),
-                       npy=lambda body: (200, b"npy"), timeout=timeout)
+    registry = SimpleNamespace(served=SimpleNamespace(default=EchoScorer()))
+    return FastPredict(inner_app, route="/predict", registry=registry, timeout=timeout)
 
 
 def test_the_fast_path_answers_a_body_in_one_message_or_in_chunks():

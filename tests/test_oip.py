@@ -51,7 +51,7 @@ def test_health_and_metadata(server, classifier):
     c = client(server)
     assert c.is_server_live() and c.is_server_ready()
     assert c.is_model_ready(name) and c.is_model_ready(name, version) and not c.is_model_ready("other")
-    assert c.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    assert c.get_server_metadata()["extensions"] == ["binary_tensor_data", "model_repository"]
     meta = c.get_model_metadata(name, version)
     features = request(server + "/metadata")[1]["feature_names"]
     assert meta["versions"] == [version]
@@ -189,7 +189,8 @@ def test_wrong_model_path_and_method(server, classifier):
     assert post(server + "/v2/models/other/infer", b"{}")[0] == 404
     assert post(server + f"/v2/models/{name}/versions/0/infer", b"{}")[0] == 404
     assert request(server + f"/v2/models/{name}/infer")[0] == 405
-    assert request(server + "/v2/repository/index")[0] == 404
+    assert request(server + "/v2/repository/index")[0] == 405  # POST only
+    assert request(server + "/v2/repository/other")[0] == 404
 
 
 def test_bytes_elements_that_overrun_are_refused(mixed_server, mixed_model):
