@@ -153,7 +153,7 @@ class FastPredict:
             return await reply(send, 400, f"unsupported Content-Type {kind.decode(errors='replace')!r}: "
                                           "send JSON (application/json) or a NumPy array "
                                           "(application/x-npy)")
-        scorer, error = (self.registry.served.default, None) if not scope.get("query_string") \
+        scorer, error = (self.registry.current().default, None) if not scope.get("query_string") \
             else scorer_or_reply(self.registry, scope)
         if error:
             return await reply(send, *error)

@@ -96,10 +96,11 @@ class Protocol:
             raise NotFound(str(e)) from None
 
     def model_metadata(self, v: View) -> dict:
-        return {"name": v.name, "versions": self.registry.served.versions(v.name),
+        served = self.registry.current()
+        return {"name": v.name, "versions": served.versions(v.name),
                 "platform": "onnxruntime_onnx", "inputs": v.inputs, "outputs": v.outputs,
                 "parameters": {"task": v.scorer.task, "classes": v.scorer.classes,
-                               "default_version": self.registry.served.defaults.get(v.name)}}
+                               "default_version": served.defaults.get(v.name)}}
 
     def handle(self, method: str, path: str, body: bytes, header_length: bytes | None) -> tuple[int, list, bytes]:
         """(status, extra headers, body) for a request to a /v2 path."""

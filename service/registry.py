@@ -121,12 +121,23 @@ class Registry:
 
     # ---- requests -------------------------------------------------------------------------
 
+    def current(self) -> Served:
+        """What this process serves, once it has caught up with the record: a change another
+        worker made is served from the first request after that worker answered (one stat of the
+        record per request; the thread that follows the record has usually opened what is new)."""
+        if self.record.stamp() != self.stamp:
+            with self.lock:
+                self._catch_up()
+        return self.served
+
     def find(self, ref: str | None, version: str | None = None) -> Scorer:
         """The scorer for a request: no model named -> the server's default; NAME -> its default
         version; NAME:VERSION (or `version`) -> that version."""
-        served = self.served
-        if not ref:
-            return served.default
+        served = self.current()
+        return served.default if not ref else self._find(served, ref, version)
+
+    @staticmethod
+    def _find(served: Served, ref: str, version: str | None) -> Scorer:
         name, _, tagged = ref.partition(":")
         version = version or tagged or served.defaults.get(name)
         if (scorer := served.scorers.get(f"{name}:{version}")) is None:
@@ -248,7 +259,7 @@ class Registry:
 
     def index(self, ready_only: bool) -> list[dict]:
         """The store's models of this pipeline: READY (loaded), or UNAVAILABLE and why."""
-        served = self.served
+        served = self.current()
         entries = []
         for m in stored_models():
             tag = str(m.tag)

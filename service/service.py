@@ -118,7 +118,7 @@ class Predictor:
             examples=[example(REGISTRY.served.default.meta)])],
     ) -> Prediction:
         # Over HTTP, FastPredict answers first (see the module docstring); in process, this.
-        scorer = REGISTRY.served.default
+        scorer = REGISTRY.current().default
         status, body = scorer.answer(lambda: scorer.check(instances))
         # A Response skips BentoML's per-call re-validation of the declared output model.
         return Response(body, status_code=status, media_type="application/json")
@@ -129,7 +129,7 @@ class Predictor:
                                                        f"'{UPLOAD_FIELD}')")],
     ) -> Prediction:
         # Over HTTP, ImageUpload answers first; in process, this.
-        status, body = REGISTRY.served.default.answer_image(image.read_bytes())
+        status, body = REGISTRY.current().default.answer_image(image.read_bytes())
         return Response(body, status_code=status, media_type="application/json")
 
 

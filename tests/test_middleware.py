@@ -111,7 +111,8 @@ def fast_predict(timeout: float):
     from types import SimpleNamespace
 
     from service.middleware import FastPredict
-    registry = SimpleNamespace(served=SimpleNamespace(default=EchoScorer()))
+    served = SimpleNamespace(default=EchoScorer())
+    registry = SimpleNamespace(current=lambda: served)
     return FastPredict(inner_app, route="/predict", registry=registry, timeout=timeout)
 
 
