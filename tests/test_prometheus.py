@@ -2,10 +2,8 @@
 tests, and a real Prometheus server scraping two `bentoml serve` replicas computes the same
 verdicts as the monitor's own statistics on the two replicas' counts combined."""
 import subprocess
-import tempfile
 import time
 import urllib.parse
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pandas as pd
 import pytest
 import torch
 from sklearn.preprocessing import StandardScaler

@@ -45,14 +45,18 @@ def request(url: str, body=None, method: str | None = None, content_type="applic
         return status, text
 
 
-def start_server(env_extra: dict) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` on a free port. Each server gets its own BENTOML_HOME sharing the model
-    store: at start BentoML empties $BENTOML_HOME/prometheus_multiproc_dir, which would break the
-    /metrics of a server already running on the same home."""
+def start_server(env_extra: dict, home: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` on a free port. Each server gets its own BENTOML_HOME (or `home`, kept
+    across restarts: the record of loaded models lives there) sharing the model store: at start
+    BentoML empties $BENTOML_HOME/prometheus_multiproc_dir, which would break the /metrics of a
+    server already running on the same home."""
     port = free_port()
-    home = tempfile.mkdtemp(prefix="bentoml-serve-")
-    os.symlink(Path(os.environ["BENTOML_HOME"]) / "models", Path(home) / "models")
-    env = {**os.environ, "MAX_ROWS": str(MAX_ROWS), "MAX_BODY_MB": "1", "BENTOML_HOME": home,
+    home = Path(home or tempfile.mkdtemp(prefix="bentoml-serve-"))
+    if not (home / "models").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        os.symlink(Path(os.environ["BENTOML_HOME"]) / "models", home / "models")
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MODEL_TAG", "NORMSERVE_ADMIN_TOKEN")}
+    env = {**inherited, "MAX_ROWS": str(MAX_ROWS), "MAX_BODY_MB": "1", "BENTOML_HOME": str(home),
            **env_extra}
     proc = subprocess.Popen(["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

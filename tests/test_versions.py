@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import tritonclient.http as triton
 
 from conftest import make_frame, quick_config
-from test_service import alter_one_byte, free_port, request, strip_metadata, truncate, widen_card
+from test_service import alter_one_byte, request, start_server, strip_metadata, truncate, widen_card
 from training.fit import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,28 +56,8 @@ def version(tag: str) -> str:
 
 
 def serve(home: Path, env_extra: dict) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` on a free port with its own BENTOML_HOME (its record lives there) sharing
-    the session's model store."""
-    if not (home / "models").exists():
-        home.mkdir(parents=True, exist_ok=True)
-        os.symlink(Path(os.environ["BENTOML_HOME"]) / "models", home / "models")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_TAG", "NORMSERVE_ADMIN_TOKEN")}
-    proc = subprocess.Popen(["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                            env={**env, "BENTOML_HOME": str(home), **env_extra},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            if request(url + "/readyz")[0] == 200:
-                return proc, url
-        except OSError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError("bentoml serve did not become ready in 90 s")
+    """`bentoml serve` with its own BENTOML_HOME, kept across restarts (its record lives there)."""
+    return start_server(env_extra, home)
 
 
 def stop(proc: subprocess.Popen) -> None:

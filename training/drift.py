@@ -10,7 +10,6 @@ the profile.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
