@@ -54,8 +54,10 @@ def pinned(cmd: list[str]) -> list[str]:
     return ["taskset", "-c", str(SERVER_CORE), *cmd] if shutil.which("taskset") else cmd
 
 
-def start(kind: str, model_path: str, env: dict) -> tuple[subprocess.Popen, str, float]:
-    """Start a server; returns the process, its URL and the seconds until /readyz answered 200."""
+def start(kind: str, model_path: str, env: dict, cwd: Path = ROOT,
+          pin: bool = True) -> tuple[subprocess.Popen, str, float]:
+    """Start a server (from `cwd`: another checkout's code; `pin`: on SERVER_CORE); returns the
+    process, its URL and the seconds until /readyz answered 200."""
     port = free_port()
     if kind.startswith("bentoml"):
         cmd = ["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -65,7 +67,7 @@ def start(kind: str, model_path: str, env: dict) -> tuple[subprocess.Popen, str,
                "--port", str(port), "--log-level", "warning", "--no-access-log"]
         env = {**env, "MODEL_PATH": model_path}
     started = time.perf_counter()
-    proc = subprocess.Popen(pinned(cmd), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(pinned(cmd) if pin else cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     while time.perf_counter() - started < 120:

@@ -25,6 +25,9 @@ from service.record import FOLLOW_SECONDS, Record, run_id
 from service.scoring import Scorer, input_signature
 
 
+LOOK_SECONDS = 0.001  # requests look at the record at most this often
+
+
 class NotLoaded(LookupError):
     """A request names a model or version this server does not serve (404)."""
 
@@ -77,6 +80,7 @@ class Registry:
         self.threads, self.max_rows = threads, max_rows
         self.record = record or Record()
         self.lock = threading.Lock()  # one change at a time in this process
+        self.next_look = 0.0          # when a request next looks at the record
         self.started = False          # scorers started (monitors, warm-up): in a worker
         self.served = self._at_start_up()
         self.stamp, self.generation = self.record.stamp(), int((self.record.read() or {}).get("generation", 0))
@@ -123,11 +127,15 @@ class Registry:
 
     def current(self) -> Served:
         """What this process serves, once it has caught up with the record: a change another
-        worker made is served from the first request after that worker answered (one stat of the
-        record per request; the thread that follows the record has usually opened what is new)."""
-        if self.record.stamp() != self.stamp:
-            with self.lock:
-                self._catch_up()
+        worker made is served from a millisecond after that worker answered (the record is looked
+        at, one stat, at most once a millisecond; the thread that follows the record has usually
+        opened what is new by then)."""
+        now = time.monotonic()
+        if now >= self.next_look:
+            self.next_look = now + LOOK_SECONDS
+            if self.record.stamp() != self.stamp:
+                with self.lock:
+                    self._catch_up()
         return self.served
 
     def find(self, ref: str | None, version: str | None = None) -> Scorer:

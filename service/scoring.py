@@ -6,13 +6,13 @@ One `Scorer` per worker process. The JSON/.npy fast path (service/middleware.py)
 """
 from __future__ import annotations
 
-import functools
 import time
 
 import numpy as np
 import orjson
 
 from service import monitor
+from service.version_metrics import VersionRequests
 from service.inputs import BadRequest, parse_body, parse_images, parse_instances, parse_npy, parse_records
 from training.contract import OUTPUTS
 from training.images import ImageError, read_image
@@ -33,18 +33,6 @@ def input_signature(meta: dict) -> tuple:
     return "table", tuple(meta["feature_names"])
 
 
-@functools.cache  # once per process: Prometheus metrics are registered globally
-def request_metrics():
-    """Per model version (`model` is name:version): prediction requests by status, and the time
-    spent checking, scoring and answering them."""
-    from prometheus_client import Counter, Histogram
-    return (Counter("normserve_model_requests", "prediction requests answered, per model version "
-                    "and HTTP status", ["model", "code"]),
-            Histogram("normserve_model_request_duration_seconds", "time to check, score and answer a "
-                      "prediction request, per model version", ["model"],
-                      buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
-
-
 class Scorer:
     def __init__(self, session, meta: dict, max_rows: int):
         self.session, self.meta, self.max_rows = session, meta, max_rows
@@ -59,8 +47,7 @@ class Scorer:
                       else (len(self.feature_names),))
         self.metadata = {**{k: meta.get(k) for k in PUBLIC_METADATA}, "max_rows": max_rows}
         self.monitor: monitor.Monitor | None = None
-        self.counted: dict[int, object] = {}  # HTTP status -> its request counter (start())
-        self.duration = None
+        self.requests: VersionRequests | None = None  # this version's request metrics (start())
         self.protocol = None  # what the Open Inference Protocol says of this model (service/oip.py)
 
     def start(self) -> None:
@@ -68,9 +55,7 @@ class Scorer:
         the graph once, since the first run allocates."""
         if monitor.ENABLED and self.meta.get("drift"):
             self.monitor = monitor.Monitor(self.meta)
-        requests, duration = request_metrics()
-        self.counted = {code: requests.labels(self.tag, str(code)) for code in (200, 400)}
-        self.duration = duration.labels(self.tag)
+        self.requests = VersionRequests(self.tag)
         if self.image:
             example = {self.input: np.zeros((1, *self.shape), np.uint8)}
         elif self.columns:
@@ -133,12 +118,8 @@ class Scorer:
 
     def observe(self, status: int, started: float) -> None:
         """Count an answered prediction request in this version's request metrics."""
-        if self.duration is None:  # not started: an in-process caller
-            return
-        if (counter := self.counted.get(status)) is None:
-            counter = self.counted[status] = request_metrics()[0].labels(self.tag, str(status))
-        counter.inc()
-        self.duration.observe(time.perf_counter() - started)
+        if self.requests is not None:  # None: not started (an in-process caller)
+            self.requests.add(status, time.perf_counter() - started)
 
     def answer_json(self, body: bytes) -> tuple[int, bytes]:
         """A JSON request body {"instances": [...]}."""

@@ -318,15 +318,17 @@ def test_request_metrics_and_drift_are_per_model_version(server, store):
               "bad": f'normserve_model_requests_total{{code="400",model="{o1}"}}',
               "timed": f'normserve_model_request_duration_seconds_count{{model="{o1}"}}',
               "default": f'normserve_model_requests_total{{code="200",model="{store["v1"]}"}}'}
+    time.sleep(1.0)  # what earlier tests' requests counted has reached the metrics
     before = {k: metric(server, s) for k, s in series.items()}
     assert load(server, "other", versions=[version(o1)])[0] == 200
     try:
         for _ in range(5):
             predict(server, "other")
         predict(server, "other", row={"income": "x"})
+        time.sleep(1.0)  # each worker adds what it counted to the metrics within half a second
         after = {k: metric(server, s) - before[k] for k, s in series.items()}
         assert after == {"ok": 5, "bad": 1, "timed": 6, "default": 0}
-        time.sleep(0.6)  # each worker counts what it staged within half a second
+        time.sleep(1.0)  # each worker counts what it staged within half a second
         drift = request(server + "/drift?model=other")[1]  # a loaded version counts anew
         assert drift["model"] == o1 and drift["answered_rows"] == 5
         assert metric(server, f'normserve_drift_rows{{model="{o1}",window="since_start"}}') == 5
