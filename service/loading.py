@@ -55,7 +55,11 @@ def named_model_tag() -> str | None:
 
 def stored_models(name: str | None = None) -> list:
     """The store's models that `python -m training.fit` saved (of one name), oldest first."""
-    ours = [m for m in bentoml.models.list(name) if m.info.labels.get("pipeline") == PIPELINE_LABEL]
+    try:
+        listed = bentoml.models.list(name)
+    except (ValueError, bentoml.exceptions.BentoMLException):  # not a name the store can hold
+        return []
+    ours = [m for m in listed if m.info.labels.get("pipeline") == PIPELINE_LABEL]
     return sorted(ours, key=lambda m: m.info.creation_time)
 
 
@@ -101,10 +105,19 @@ def inputs_match_card(session, card: dict) -> str | None:
 
 def open_model(tag: str, threads: int = 1):
     """An onnxruntime session and the model's metadata, or ModelError saying what is wrong."""
+    try:
+        return _open(tag, threads)
+    except ModelError:
+        raise
+    except Exception as e:  # a card or metadata of another shape: name it, never a traceback
+        raise ModelError(f"{tag}: cannot be served: {type(e).__name__}: {str(e).strip()[:200]}") from None
+
+
+def _open(tag: str, threads: int):
     import onnxruntime as ort
     try:
         path = bentoml.models.get(tag).path_of("model.onnx")
-    except bentoml.exceptions.NotFound:
+    except (bentoml.exceptions.NotFound, ValueError):
         raise ModelError(f"{tag} is not in the BentoML model store") from None
     card = check_card(Path(path), tag)
     options = ort.SessionOptions()

@@ -69,5 +69,13 @@ class Record:
     def write(self, doc: dict) -> None:
         """The whole record, atomically (hold `locked()`)."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the record: a crash leaves one whole
         os.replace(tmp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # and the rename with it
+        finally:
+            os.close(directory)

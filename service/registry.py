@@ -5,13 +5,18 @@ none). One Registry per process; it owns what is loaded (MLServer's registry, in
 What is served is a `Served` snapshot, replaced whole: a request takes the snapshot once and
 keeps its scorer, so a switch never touches a request in flight and an unloaded version finishes
 the requests it has. Changes go to the durable record first (service/record.py): the worker that
-takes a load opens and checks the new version before anything changes (a bad candidate leaves
-everything as it was), writes the record, and serves the new snapshot before it answers; the
-other workers follow the record from a thread of their own, opening new versions there, off the
-event loop.
+takes a load, holding the record's lock, catches up with it, opens and checks the new version
+before anything changes (a bad candidate leaves everything as it was), writes the record, and
+serves the new snapshot before it answers. The other workers follow the record: a request looks
+at it at most once a millisecond and serves a change at once when it needs nothing opened (a
+switch between loaded versions, an unload); a version not open yet is opened by the worker's
+thread that follows the record, off the event loop, woken by that request. Only a request for a
+model this worker has not opened yet waits for it.
 
 At start-up: the default model is MODEL_TAG (or a built Bento's model) when set, else the
-record's, else the model trained last; the record's other models are loaded beside it.
+record's, else the model trained last; the record's other models are loaded beside it. A worker
+that BentoML starts again within the same run takes the record as it is. Where a record exists,
+the first worker writes what this run serves into it, so that a restart serves it again.
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ from service.loading import ModelError, fail, named_model_tag, newest_model_tag,
 from service.record import FOLLOW_SECONDS, Record, run_id
 from service.scoring import Scorer, input_signature
 
-
 LOOK_SECONDS = 0.001  # requests look at the record at most this often
 
 
@@ -34,6 +38,10 @@ class NotLoaded(LookupError):
 
 class LoadRefused(ValueError):
     """A load or unload that cannot be done (400); nothing changed."""
+
+
+class RecordError(RuntimeError):
+    """The record could not be written (503); nothing changed."""
 
 
 class Refused(Exception):
@@ -75,21 +83,27 @@ def tags_of(doc: dict) -> dict[str, list[str]]:
     return out
 
 
+def generation(doc: dict | None) -> int:
+    return int((doc or {}).get("generation", 0))
+
+
 class Registry:
     def __init__(self, threads: int, max_rows: int, record: Record | None = None):
         self.threads, self.max_rows = threads, max_rows
         self.record = record or Record()
-        self.lock = threading.Lock()  # one change at a time in this process
-        self.next_look = 0.0          # when a request next looks at the record
-        self.started = False          # scorers started (monitors, warm-up): in a worker
-        self.served = self._at_start_up()
-        self.stamp, self.generation = self.record.stamp(), int((self.record.read() or {}).get("generation", 0))
+        self.lock = threading.Lock()    # what this process serves changes under it
+        self.wake = threading.Event()   # a request saw a change that needs opening: follow now
+        self.next_look = 0.0            # when a request next looks at the record
+        self.started = False            # in a worker: scorers start (drift monitor, warm-up)
+        self.stamp = self.record.stamp()
+        doc = self.record.read()
+        self.generation = generation(doc)
+        self.served = self._at_start_up(doc or {})
 
     # ---- start-up -------------------------------------------------------------------------
 
-    def _at_start_up(self) -> Served:
-        named = named_model_tag()
-        doc = self.record.read() or {}
+    def _at_start_up(self, doc: dict) -> Served:
+        named = named_model_tag() if doc.get("run") != run_id() else None  # restarted worker: the record
         if named is None and not doc.get("default_model"):
             named = newest_model_tag()
         plan = tags_of(doc)
@@ -114,40 +128,79 @@ class Registry:
         return Served(scorers, defaults, default_model, failed)
 
     def open(self, tag: str) -> Scorer:
-        return Scorer(*open_model(tag, self.threads), self.max_rows)
+        """A version opened and checked (in a worker also started: its monitor, a first run);
+        ModelError says why not."""
+        scorer = Scorer(*open_model(tag, self.threads), self.max_rows)
+        if self.started:
+            try:
+                scorer.start()
+            except Exception as e:  # onnxruntime's own errors: the graph cannot run
+                raise ModelError(f"{tag}: its first run failed: {str(e).strip().splitlines()[0]}") from None
+        return scorer
 
     def start(self) -> None:
-        """In a worker: start every scorer (drift monitor, warm-up) and follow the record."""
+        """In a worker: start every scorer, record what this run serves, follow the record."""
         for scorer in self.served.scorers.values():
             scorer.start()
         self.started = True
+        try:
+            with self.record.locked(), self.lock:
+                doc = self.record.read()
+                if doc and doc.get("run") != run_id() and generation(doc) == self.generation:
+                    self._publish(self.served)  # MODEL_TAG may have chosen another default than the record's
+                else:
+                    self._catch_up()  # a sibling worker of this run wrote it already (or nothing to do)
+        except (OSError, RecordError) as e:  # a worker that raised here would be restarted forever
+            print(f"warning: the record of loaded models is not kept: {e}", file=sys.stderr)
         threading.Thread(target=self._follow, name="normserve-record", daemon=True).start()
 
     # ---- requests -------------------------------------------------------------------------
 
     def current(self) -> Served:
-        """What this process serves, once it has caught up with the record: a change another
-        worker made is served from a millisecond after that worker answered (the record is looked
-        at, one stat, at most once a millisecond; the thread that follows the record has usually
-        opened what is new by then)."""
+        """What this process serves, having looked at the record at most a millisecond ago."""
         now = time.monotonic()
         if now >= self.next_look:
             self.next_look = now + LOOK_SECONDS
             if self.record.stamp() != self.stamp:
-                with self.lock:
-                    self._catch_up()
+                self._follow_now()
         return self.served
+
+    def _follow_now(self) -> None:
+        """From a request: serve the record's change at once if it needs nothing opened; else
+        wake the thread that follows the record, which opens what is new off the event loop."""
+        if not self.lock.acquire(blocking=False):
+            return  # a change, or the follower, is at work: it serves the record when done
+        try:
+            stamp, doc = self.record.stamp(), self.record.read()
+            if doc is None or generation(doc) <= self.generation:
+                self.stamp = stamp
+            elif all(f"{n}:{v}" in self.served.scorers for n, vs in tags_of(doc).items() for v in vs):
+                self._apply(doc, {}, stamp)
+            else:
+                self.wake.set()
+        finally:
+            self.lock.release()
 
     def find(self, ref: str | None, version: str | None = None) -> Scorer:
         """The scorer for a request: no model named -> the server's default; NAME -> its default
-        version; NAME:VERSION (or `version`) -> that version."""
+        version; NAME:VERSION (or `version`) -> that version. A model loaded a moment ago through
+        another worker and not opened here yet is opened now (the request waits for it)."""
         served = self.current()
-        return served.default if not ref else self._find(served, ref, version)
+        if not ref:
+            return served.default
+        try:
+            return self._find(served, ref, version)
+        except NotLoaded:
+            if self.record.stamp() == self.stamp:
+                raise
+            with self.lock:
+                self._catch_up()
+            return self._find(self.served, ref, version)
 
     @staticmethod
     def _find(served: Served, ref: str, version: str | None) -> Scorer:
-        name, _, tagged = ref.partition(":")
-        version = version or tagged or served.defaults.get(name)
+        name, _, tagged = ref.lower().partition(":")  # the store keeps names in lower case
+        version = (version or tagged).lower() or served.defaults.get(name)
         if (scorer := served.scorers.get(f"{name}:{version}")) is None:
             if name not in served.defaults:
                 raise NotLoaded(f"model {name!r} is not loaded; loaded: {', '.join(sorted(served.defaults))}")
@@ -160,8 +213,8 @@ class Registry:
     def load(self, name: str, wanted, default_of, allow_input_change: bool) -> Served:
         """Load a model's versions: `wanted(loaded versions)` gives the versions of `name` to have
         loaded, `default_of(those)` the default among them. Every new version is opened and
-        checked first; a refused one changes nothing but the index's reason for it."""
-        def compute(served: Served) -> tuple[Served, dict[str, Scorer]]:
+        checked first; a refused one changes nothing but the record's reason for it."""
+        def compute(served: Served) -> Served:
             versions = wanted(served.versions(name))
             default, opened = default_of(versions), {}
             for version in versions:
@@ -181,12 +234,11 @@ class Registry:
             kept = {t: sc for t, sc in served.scorers.items()
                     if t.split(":", 1)[0] != name or t.split(":", 1)[1] in versions}
             failed = {t: r for t, r in served.failed.items() if t not in opened}
-            return Served({**kept, **opened}, {**served.defaults, name: default}, served.default_model,
-                          failed), opened
+            return Served({**kept, **opened}, {**served.defaults, name: default}, served.default_model, failed)
         return self._change(compute)
 
     def unload(self, name: str) -> Served:
-        def compute(served: Served) -> tuple[Served, dict]:
+        def compute(served: Served) -> Served:
             if name == served.default_model:
                 raise LoadRefused(f"{name!r} is the server's default model (what /predict answers "
                                   "with): it cannot be unloaded; load another version of it instead")
@@ -194,40 +246,43 @@ class Registry:
                 raise NotLoaded(f"model {name!r} is not loaded")
             scorers = {t: sc for t, sc in served.scorers.items() if t.split(":", 1)[0] != name}
             defaults = {n: v for n, v in served.defaults.items() if n != name}
-            return Served(scorers, defaults, served.default_model, served.failed), {}
+            return Served(scorers, defaults, served.default_model, served.failed)
         return self._change(compute)
 
     def _change(self, compute) -> Served:
-        """One change, under the record's lock (so that changes through different workers never
-        lose one another): catch up with the record, derive the new snapshot, start what it
-        opened, write the record, then serve it. A Refused candidate is written to the record's
+        """One change, under the record's lock (changes through different workers never lose one
+        another) and then this process's: catch up with the record, derive the new snapshot,
+        write the record, serve the snapshot. A Refused candidate is written to the record's
         failures (the index shows why on every worker) and nothing else changes."""
-        with self.lock, self.record.locked():
+        with self.record.locked(), self.lock:
             self._catch_up()
             try:
-                new, opened = compute(self.served)
+                new = compute(self.served)
             except Refused as e:
                 old = self.served
-                new, opened = Served(old.scorers, old.defaults, old.default_model,
-                                     {**old.failed, e.tag: e.reason}), {}
-                self._publish(new)
+                self._publish(Served(old.scorers, old.defaults, old.default_model,
+                                     {**old.failed, e.tag: e.reason}))
                 raise LoadRefused(e.reason) from None
-            if self.started:
-                for scorer in opened.values():
-                    scorer.start()
             self._publish(new)
             return new
 
     def _publish(self, new: Served) -> None:
-        self.generation += 1
-        self.record.write({**new.as_record(), "run": run_id(), "generation": self.generation})
-        self.stamp, self.served = self.record.stamp(), new
+        """Write the record, then serve `new` (hold both locks). If the record cannot be written,
+        nothing changes: RecordError."""
+        number = self.generation + 1
+        try:
+            self.record.write({**new.as_record(), "run": run_id(), "generation": number})
+        except OSError as e:
+            raise RecordError(f"the change could not be recorded in {self.record.path}: "
+                              f"{e.strerror or e}") from None
+        self.generation, self.stamp, self.served = number, self.record.stamp(), new
 
     # ---- following the record ---------------------------------------------------------------
 
     def _follow(self) -> None:
         while True:
-            time.sleep(FOLLOW_SECONDS)
+            self.wake.wait(FOLLOW_SECONDS)
+            self.wake.clear()
             try:
                 if self.record.stamp() != self.stamp:
                     with self.lock:
@@ -236,32 +291,41 @@ class Registry:
                 print(f"warning: following {self.record.path}: {type(e).__name__}: {e}", file=sys.stderr)
 
     def _catch_up(self) -> None:
-        """Serve what the record says, if another worker changed it since (hold self.lock)."""
+        """Serve the record's latest change, opening what is new (hold self.lock)."""
         stamp, doc = self.record.stamp(), self.record.read()
-        self.stamp = stamp
-        if doc is None or int(doc.get("generation", 0)) <= self.generation:
+        if doc is None or generation(doc) <= self.generation:
+            self.stamp = stamp
             return
-        served, opened = self.served, {}
-        scorers, defaults, failed = {}, {}, dict(doc.get("failed") or {})
+        opened = {}
         for name, versions in tags_of(doc).items():
             for version in versions:
                 tag = f"{name}:{version}"
-                if (scorer := served.scorers.get(tag)) is None:
+                if tag not in self.served.scorers:
                     try:
-                        scorer = opened[tag] = self.open(tag)
+                        opened[tag] = self.open(tag)
                     except ModelError as e:
-                        failed[tag] = str(e)
-                        continue
-                scorers[tag] = scorer
-                defaults.setdefault(name, version)
-        self.generation = int(doc["generation"])
+                        print(f"warning: recorded but not opened here: {e}", file=sys.stderr)
+        self._apply(doc, opened, stamp)
+
+    def _apply(self, doc: dict, opened: dict[str, Scorer], stamp) -> None:
+        """The record's state as this process's snapshot. A version this process could not open
+        stays out; if it is a model's recorded default, the model keeps the default it had here."""
+        served, available = self.served, {**self.served.scorers, **opened}
+        scorers, defaults = {}, {}
+        for name, versions in tags_of(doc).items():
+            usable = [v for v in versions if f"{name}:{v}" in available]
+            if versions and versions[0] not in usable and f"{name}:{served.defaults.get(name)}" in available:
+                usable.insert(0, served.defaults[name])
+            for v in dict.fromkeys(usable):
+                scorers[f"{name}:{v}"] = available[f"{name}:{v}"]
+            if usable:
+                defaults[name] = usable[0]
         default_model = doc.get("default_model") or served.default_model
-        if default_model not in defaults:  # not written by the endpoints: keep serving what we do
-            return
-        if self.started:
-            for scorer in opened.values():
-                scorer.start()
-        self.served = Served(scorers, defaults, default_model, failed)
+        if default_model not in defaults:  # it could not be opened here: keep serving it as it was
+            default_model = served.default_model
+            scorers[served.default.tag], defaults[default_model] = served.default, served.defaults[default_model]
+        self.served = Served(scorers, defaults, default_model, dict(doc.get("failed") or {}))
+        self.generation, self.stamp = generation(doc), stamp
 
     # ---- what the index lists -----------------------------------------------------------------
 

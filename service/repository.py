@@ -28,7 +28,7 @@ import re
 
 import orjson
 
-from service.registry import LoadRefused, NotLoaded
+from service.registry import LoadRefused, NotLoaded, RecordError
 
 PATH = re.compile(r"/v2/repository/(?:(?P<index>index)|models/(?P<name>[^/]+)/(?P<action>load|unload))")
 TOKEN_VARIABLE = "NORMSERVE_ADMIN_TOKEN"
@@ -63,7 +63,7 @@ class Repository:
                 if not isinstance(ready, bool):
                     raise RepositoryError(400, "'ready' must be true or false")
                 return 200, orjson.dumps(await loop.run_in_executor(None, self.registry.index, ready))
-            name = route["name"]
+            name = route["name"].lower()  # the store keeps names in lower case
             if route["action"] == "unload":
                 await loop.run_in_executor(None, self.registry.unload, name)
             else:
@@ -75,6 +75,8 @@ class Repository:
             return 404, orjson.dumps({"error": str(e)})
         except LoadRefused as e:
             return 400, orjson.dumps({"error": str(e)})
+        except RecordError as e:
+            return 503, orjson.dumps({"error": str(e)})
 
     def authorize(self, headers) -> None:
         if self.token is None:

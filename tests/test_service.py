@@ -58,8 +58,10 @@ def start_server(env_extra: dict, home: Path | None = None) -> tuple[subprocess.
     inherited = {k: v for k, v in os.environ.items() if k not in ("MODEL_TAG", "NORMSERVE_ADMIN_TOKEN")}
     env = {**inherited, "MAX_ROWS": str(MAX_ROWS), "MAX_BODY_MB": "1", "BENTOML_HOME": str(home),
            **env_extra}
+    # SERVER_LOG=<file> keeps what the servers print (for a failing test); else it is piped away
+    log = open(os.environ["SERVER_LOG"], "ab") if os.environ.get("SERVER_LOG") else subprocess.PIPE
     proc = subprocess.Popen(["bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
