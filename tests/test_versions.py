@@ -5,6 +5,7 @@ One server with two workers serves the module's tests; the restart test starts i
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -346,7 +347,8 @@ def test_the_models_command_lists_switches_rolls_back_and_unloads(server, store)
         return subprocess.run([sys.executable, "-m", "service.models", "--url", server, *args], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=120)
     listed = cli("list")
-    assert listed.returncode == 0 and f"versioned  {version(store['v1'])}  READY" in listed.stdout
+    assert listed.returncode == 0 and re.search(rf"versioned +{version(store['v1'])} +READY +default",
+                                                listed.stdout), listed.stdout
     assert cli("load", "other").returncode == 0  # the newest: o2
     assert cli("rollback", "other").returncode == 0
     assert answers_from_every_worker(server, "other") == {store["o1"]}
