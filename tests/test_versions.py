@@ -430,3 +430,28 @@ def test_a_worker_restarted_within_the_run_serves_what_the_others_serve(store, t
         assert answers_from_every_worker(url, n=5) == {store["v2"]}
     finally:
         stop(proc)
+
+
+def test_the_gate_promotes_through_the_repository_or_leaves_the_server_as_it_was(server, store, tmp_path):
+    """`python -m training.compare --promote`: a promoted candidate becomes its model's default; a
+    promotion the server refuses (a wrong token) exits 2 and changes nothing."""
+    data = tmp_path / "labelled.csv"
+    make_frame(n=200, seed=9).to_csv(data, index=False)
+    assert load(server, "other", versions=[version(store["o2"])])[0] == 200
+    try:
+        def gate(token):
+            env = {**os.environ, "NORMSERVE_ADMIN_TOKEN": token}
+            return subprocess.run(
+                [sys.executable, "-m", "training.compare", "--champion", store["o2"], "--candidate",
+                 store["o1"], "--data", str(data), "--target", "label", "--bootstrap", "50",
+                 "--min-change", "-1", "--tolerance", "1", "--secondary-margin", "1",  # promote whatever
+                 "--promote", "--server", server], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        refused = gate("wrong-token")
+        assert refused.returncode == 2 and "promotion refused" in refused.stderr
+        assert answers_from_every_worker(server, "other") == {store["o2"]}
+        promoted = gate(TOKEN)
+        assert promoted.returncode == 0, promoted.stderr
+        assert f"promoted   {store['o1']} is the default version" in promoted.stdout
+        assert answers_from_every_worker(server, "other") == {store["o1"]}
+    finally:
+        post(server, "/v2/repository/models/other/unload")

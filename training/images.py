@@ -73,6 +73,18 @@ def typical_size(sizes) -> int:
     return int(min(np.median([min(hw) for hw in sizes]), MAX_AUTO_SIZE))
 
 
+def image_files(root: str) -> dict[str, list[Path]]:
+    """A folder's images per class (one sub-folder each): PNG/JPEG files, hidden files and folders
+    left out."""
+    base = Path(root)
+    if not base.is_dir():
+        raise ImageError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return {c: sorted(f for f in (base / c).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
+                      and not any(part.startswith(".") for part in f.relative_to(base / c).parts))
+            for c in classes}
+
+
 def load_image_folder(root: str, size: int | None, max_broken: float = 0.01, progress: bool = False):
     """A folder with one sub-folder per class. Returns (X uint8 [N, C, H, W], labels, classes,
     whether the images were resized). A file that cannot be read is skipped with a notice; more
@@ -83,12 +95,7 @@ def load_image_folder(root: str, size: int | None, max_broken: float = 0.01, pro
 
     from training.rules import DataNote, names
     base = Path(root)
-    if not base.is_dir():
-        raise ImageError(f"image folder not found: {root}")
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = {c: sorted(f for f in (base / c).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
-                       and not any(part.startswith(".") for part in f.relative_to(base / c).parts))
-             for c in classes}
+    files = image_files(root)
     everything = [f for fs in files.values() for f in fs]
     sizes, modes, broken = survey(everything)
     hw = None
