@@ -3,9 +3,6 @@ sent as JSON records the way a client holding the file would send them, as the t
 model answers the same rows read by training."""
 from __future__ import annotations
 
-import datetime as dt
-import decimal
-import math
 import warnings
 
 import numpy as np
@@ -14,6 +11,7 @@ import orjson
 import pandas as pd
 import torch
 
+from service.rows import records
 from service.scoring import Scorer
 from training.contract import decode_metadata
 from training.data import to_table
@@ -21,33 +19,8 @@ from training.files import read_file
 from training.model import serving_model
 
 
-def json_value(v):
-    """A cell as a JSON client sends it: missing values (and infinities, which JSON cannot
-    carry) as null, timestamps as ISO text, numpy scalars as Python numbers."""
-    if v is None or v is pd.NaT or v is pd.NA:
-        return None
-    if isinstance(v, (float, np.floating)):
-        return None if not math.isfinite(v) else float(v)
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.bool_,)):
-        return bool(v)
-    if isinstance(v, (np.ndarray, list, tuple)):
-        return [json_value(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): json_value(x) for k, x in v.items()}
-    if isinstance(v, decimal.Decimal):
-        return float(v)
-    if isinstance(v, (dt.date, dt.time, pd.Timestamp)):
-        return v.isoformat()
-    if isinstance(v, (dt.timedelta, pd.Timedelta)):
-        return str(v)
-    return v
-
-
 def file_records(frame: pd.DataFrame) -> list[dict]:
-    return [{str(k): json_value(v) for k, v in zip(frame.columns, row)}
-            for row in frame.itertuples(index=False, name=None)]
+    return records(frame)
 
 
 def scorer_of(result) -> Scorer:
