@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from service.loading import ModelError, fail, named_model_tag, newest_model_tag, open_model, stored_models
 from service.record import FOLLOW_SECONDS, Record, run_id
 from service.scoring import Scorer, input_signature
+from service.shadow import Shadow, ShadowWorker
 
 LOOK_SECONDS = 0.001  # requests look at the record at most this often
 
@@ -58,6 +59,7 @@ class Served:
     defaults: dict[str, str]            # name -> its default version
     default_model: str                  # the server's default model name
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> why it did not load
+    shadows: dict[str, dict] = field(default_factory=dict)  # name -> {"version", "share"} (service/shadow.py)
 
     @property
     def default(self) -> Scorer:
@@ -71,7 +73,15 @@ class Served:
         for tag in self.scorers:
             name, version = tag.split(":", 1)
             models.setdefault(name, {"default": self.defaults[name], "loaded": []})["loaded"].append(version)
-        return {"default_model": self.default_model, "models": models, "failed": dict(self.failed)}
+        return {"default_model": self.default_model, "models": models, "failed": dict(self.failed),
+                "shadows": dict(self.shadows)}
+
+    def with_shadows(self, shadows: dict[str, dict]) -> Served:
+        """The same, with the shadows that still make sense: a loaded version of a loaded model,
+        not its default."""
+        kept = {n: s for n, s in shadows.items() if n in self.defaults and s["version"] != self.defaults[n]
+                and f"{n}:{s['version']}" in self.scorers}
+        return Served(self.scorers, self.defaults, self.default_model, self.failed, kept)
 
 
 def tags_of(doc: dict) -> dict[str, list[str]]:
@@ -95,6 +105,8 @@ class Registry:
         self.wake = threading.Event()   # a request saw a change that needs opening: follow now
         self.next_look = 0.0            # when a request next looks at the record
         self.started = False            # in a worker: scorers start (drift monitor, warm-up)
+        self.shadow_worker = ShadowWorker()
+        self._served: Served | None = None
         self.stamp = self.record.stamp()
         doc = self.record.read()
         self.generation = generation(doc)
@@ -125,7 +137,24 @@ class Registry:
                         fail(str(e))  # the server's default model must open, as before
                     failed[tag] = str(e)
                     print(f"warning: not loaded: {e}", file=sys.stderr)
-        return Served(scorers, defaults, default_model, failed)
+        return Served(scorers, defaults, default_model, failed).with_shadows(doc.get("shadows") or {})
+
+    @property
+    def served(self) -> Served:
+        return self._served
+
+    @served.setter
+    def served(self, new: Served) -> None:
+        """Serve `new`; in a worker, each default with a shadow offers it what it answers."""
+        if self.started:
+            for scorer in new.scorers.values():
+                scorer.shadow = None
+            for name, s in new.shadows.items():
+                default = new.scorers[f"{name}:{new.defaults[name]}"]
+                default.shadow = Shadow(default, new.scorers[f"{name}:{s['version']}"], s["share"],
+                                        self.shadow_worker)
+                self.shadow_worker.ensure_running()
+        self._served = new
 
     def open(self, tag: str) -> Scorer:
         """A version opened and checked (in a worker also started: its monitor, a first run);
@@ -143,6 +172,7 @@ class Registry:
         for scorer in self.served.scorers.values():
             scorer.start()
         self.started = True
+        self.served = self.served  # wires the shadows
         try:
             with self.record.locked(), self.lock:
                 doc = self.record.read()
@@ -234,7 +264,30 @@ class Registry:
             kept = {t: sc for t, sc in served.scorers.items()
                     if t.split(":", 1)[0] != name or t.split(":", 1)[1] in versions}
             failed = {t: r for t, r in served.failed.items() if t not in opened}
-            return Served({**kept, **opened}, {**served.defaults, name: default}, served.default_model, failed)
+            return Served({**kept, **opened}, {**served.defaults, name: default}, served.default_model,
+                          failed).with_shadows(served.shadows)
+        return self._change(compute)
+
+    def set_shadow(self, name: str, version: str | None, share: float = 0.0) -> Served:
+        """Make a loaded version the shadow of its model's default (version None: end it)."""
+        def compute(served: Served) -> Served:
+            if name not in served.defaults:
+                raise NotLoaded(f"model {name!r} is not loaded")
+            shadows = {n: s for n, s in served.shadows.items() if n != name}
+            if version is None:
+                if name not in served.shadows:
+                    raise NotLoaded(f"model {name!r} has no shadow")
+                return served.with_shadows(shadows)
+            tag, default = f"{name}:{version}", served.scorers[f"{name}:{served.defaults[name]}"]
+            if tag not in served.scorers:
+                raise NotLoaded(f"model {name!r} has no loaded version {version!r}; load it first; loaded: "
+                                f"{', '.join(served.versions(name))}")
+            if version == served.defaults[name]:
+                raise LoadRefused(f"{tag} is the default: a shadow is another version")
+            if input_signature(served.scorers[tag].meta) != input_signature(default.meta):
+                raise LoadRefused(f"{tag} takes other inputs than {default.tag}: a shadow scores the "
+                                  "default's inputs as they are")
+            return served.with_shadows({**shadows, name: {"version": version, "share": share}})
         return self._change(compute)
 
     def unload(self, name: str) -> Served:
@@ -246,7 +299,7 @@ class Registry:
                 raise NotLoaded(f"model {name!r} is not loaded")
             scorers = {t: sc for t, sc in served.scorers.items() if t.split(":", 1)[0] != name}
             defaults = {n: v for n, v in served.defaults.items() if n != name}
-            return Served(scorers, defaults, served.default_model, served.failed)
+            return Served(scorers, defaults, served.default_model, served.failed).with_shadows(served.shadows)
         return self._change(compute)
 
     def _change(self, compute) -> Served:
@@ -261,7 +314,7 @@ class Registry:
             except Refused as e:
                 old = self.served
                 self._publish(Served(old.scorers, old.defaults, old.default_model,
-                                     {**old.failed, e.tag: e.reason}))
+                                     {**old.failed, e.tag: e.reason}, old.shadows))
                 raise LoadRefused(e.reason) from None
             self._publish(new)
             return new
@@ -324,7 +377,8 @@ class Registry:
         if default_model not in defaults:  # it could not be opened here: keep serving it as it was
             default_model = served.default_model
             scorers[served.default.tag], defaults[default_model] = served.default, served.defaults[default_model]
-        self.served = Served(scorers, defaults, default_model, dict(doc.get("failed") or {}))
+        self.served = Served(scorers, defaults, default_model, dict(doc.get("failed") or {})).with_shadows(
+            doc.get("shadows") or {})
         self.generation, self.stamp = generation(doc), stamp
 
     # ---- what the index lists -----------------------------------------------------------------

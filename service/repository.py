@@ -55,7 +55,7 @@ class Repository:
                                            "/v2/repository/index and /v2/repository/models/{name}/load|unload")
             if method != "POST":
                 raise RepositoryError(405, f"{method} is not allowed here; use POST")
-            self.authorize(headers)
+            self.authorize(next((v for k, v in headers if k == b"authorization"), None))
             request = self.read(body)
             loop = asyncio.get_running_loop()
             if route["index"]:
@@ -78,16 +78,52 @@ class Repository:
         except RecordError as e:
             return 503, orjson.dumps({"error": str(e)})
 
-    def authorize(self, headers) -> None:
+    def authorize(self, given: bytes | None) -> None:
+        """The operator's token in an Authorization header, or RepositoryError (401 or 403)."""
         if self.token is None:
             raise RepositoryError(403, f"the model repository endpoints are off: start the server with "
                                        f"{TOKEN_VARIABLE} set to turn them on")
-        given = next((v for k, v in headers if k == b"authorization"), None)
         scheme, _, token = (given or b"").partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
             raise RepositoryError(401, "send the operator's token: Authorization: Bearer <token>")
         if not hmac.compare_digest(token.strip(), self.token):
             raise RepositoryError(403, "the token is not the operator's")
+
+    async def shadow(self, method: str, model: str | None, authorization: bytes | None,
+                     body: bytes) -> tuple[int, bytes]:
+        """GET /shadow: every pair's figures; POST /shadow {"model", "version", "share"}: that
+        version the shadow of its model's default; DELETE /shadow?model=NAME: none."""
+        from service.shadow import stats
+        loop = asyncio.get_running_loop()
+        try:
+            if method == "GET":
+                served = self.registry.current()
+                pairs = {(f"{n}:{served.defaults[n]}", f"{n}:{s['version']}"): s["share"]
+                         for n, s in served.shadows.items()}
+                tasks = {tag: sc.task for tag, sc in served.scorers.items()}
+                return 200, orjson.dumps(await loop.run_in_executor(None, stats, pairs, tasks))
+            self.authorize(authorization)
+            if method == "DELETE":
+                if not model:
+                    raise RepositoryError(400, "name the model: DELETE /shadow?model=NAME")
+                await loop.run_in_executor(None, self.registry.set_shadow, model.lower(), None)
+                return 200, b"{}"
+            request = self.read(body)
+            name, version, share = request.get("model"), request.get("version"), request.get("share", 0.25)
+            if not isinstance(name, str) or not isinstance(version, str):
+                raise RepositoryError(400, 'send {"model": NAME, "version": VERSION, "share": 0.25}')
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise RepositoryError(400, "share must be a number above 0 and at most 1")
+            await loop.run_in_executor(None, self.registry.set_shadow, name.lower(), version.lower(), float(share))
+            return 200, b"{}"
+        except RepositoryError as e:
+            return e.status, orjson.dumps({"error": str(e)})
+        except NotLoaded as e:
+            return 404, orjson.dumps({"error": str(e)})
+        except LoadRefused as e:
+            return 400, orjson.dumps({"error": str(e)})
+        except RecordError as e:
+            return 503, orjson.dumps({"error": str(e)})
 
     @staticmethod
     def read(body: bytes) -> dict:

@@ -49,6 +49,7 @@ class Scorer:
         self.monitor: monitor.Monitor | None = None
         self.requests: VersionRequests | None = None  # this version's request metrics (start())
         self.protocol = None  # what the Open Inference Protocol says of this model (service/oip.py)
+        self.shadow = None    # the shadow of this version, while it is its model's default (service/shadow.py)
 
     def start(self) -> None:
         """In a worker: start the drift monitor (its counts live in a per-process file) and run
@@ -91,6 +92,8 @@ class Scorer:
                              f"outside the training data?); {len(rows)} row(s) affected")
         if self.monitor is not None:  # only answered inputs are counted
             self.monitor.observe(feeds)
+        if self.shadow is not None:
+            self.shadow.offer(feeds, out)
         return out
 
     def score(self, feeds: dict[str, np.ndarray]) -> bytes:

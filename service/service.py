@@ -47,12 +47,13 @@ TRACING = os.environ.get("TRACING") == "1"  # OpenTelemetry spans (off: BentoML 
 PREDICT_ROUTE, UPLOAD_ROUTE, UPLOAD_FIELD = "/predict", "/predict_image", "image"
 TIMEOUT_S = 30  # a request not answered by then gets a 504
 
-bentoml_patches.apply(routes=(PREDICT_ROUTE, UPLOAD_ROUTE, "/metadata", "/drift"), tracing=TRACING,
+bentoml_patches.apply(routes=(PREDICT_ROUTE, UPLOAD_ROUTE, "/metadata", "/drift", "/shadow"), tracing=TRACING,
                       front=(BodyLimit, FastPredict, OpenInference))
 # BentoML sets no thread limits: workers each using every core would fight each other. Count the
 # cores this process may run on (taskset, cgroups), not the machine's.
 THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
 REGISTRY = Registry(THREADS, MAX_ROWS)  # opens the default model (and the record's others) now
+REPOSITORY = Repository(REGISTRY)  # what changes what is served: the operator's token
 MODEL_TAG = REGISTRY.served.default.tag  # the default model at start-up
 Instances = instances_type(REGISTRY.served.default.meta, MAX_ROWS)  # documents its requests in the spec
 
@@ -77,6 +78,14 @@ async def metadata_route(request: Request) -> Response:
         return JSONResponse({"error": str(e)}, status_code=404)
 
 
+async def shadow_route(request: Request) -> Response:
+    """Shadow traffic (service/shadow.py): GET the figures; POST or DELETE with the operator's token."""
+    status, body = await REPOSITORY.shadow(request.method, request.query_params.get("model"),
+                                           request.headers.get("authorization", "").encode() or None,
+                                           await request.body())
+    return Response(body, status_code=status, media_type="application/json")
+
+
 async def drift_route(request: Request) -> Response:
     """Live inputs vs. the training profile, per feature, since start and over the recent window
     (per model version: each version counts its own inputs)."""
@@ -87,7 +96,9 @@ async def drift_route(request: Request) -> Response:
 
 
 @bentoml.asgi_app(Starlette(routes=[Route("/metadata", metadata_route, methods=["GET"]),
-                                    Route("/drift", drift_route, methods=["GET"])]), path="/")
+                                    Route("/drift", drift_route, methods=["GET"]),
+                                    Route("/shadow", shadow_route, methods=["GET", "POST", "DELETE"])]),
+                  path="/")
 @bentoml.service(
     name="normserve", workers=WORKERS, labels={"pipeline": PIPELINE_LABEL},
     traffic={"timeout": TIMEOUT_S},
@@ -137,4 +148,4 @@ Predictor.add_asgi_middleware(BodyLimit, max_bytes=int(MAX_BODY_MB * 2 ** 20))
 Predictor.add_asgi_middleware(ImageUpload, route=UPLOAD_ROUTE, field=UPLOAD_FIELD, registry=REGISTRY)
 Predictor.add_asgi_middleware(FastPredict, route=PREDICT_ROUTE, registry=REGISTRY, timeout=TIMEOUT_S)
 Predictor.add_asgi_middleware(OpenInference, protocol=Protocol(REGISTRY, version("normserve")),
-                              repository=Repository(REGISTRY), timeout=TIMEOUT_S)
+                              repository=REPOSITORY, timeout=TIMEOUT_S)

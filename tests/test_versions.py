@@ -385,13 +385,23 @@ def test_a_restart_serves_the_default_it_served_before(store, tmp_path):
     proc, url = serve(home, {"MODEL_TAG": store["v1"], "NORMSERVE_ADMIN_TOKEN": TOKEN})
     try:
         assert load(url, "versioned", versions=[version(store["v2"])])[0] == 200
-        assert load(url, "other")[0] == 200
+        assert load(url, "other")[0] == 200  # o2
+        assert load(url, "other", versions=[version(store["o1"])])[0] == 200  # o1, o2 kept
+        assert shadow(url, {"model": "other", "version": version(store["o2"]), "share": 0.5})[0] == 200
+        assert load(url, "other", versions=[version(store["o2"])])[0] == 200  # o2: no shadow of itself
+        assert not [p for p in shadow(url, method="GET")[1] if p["active"]]
+        assert load(url, "other", versions=[version(store["o1"])])[0] == 200
+        assert shadow(url, {"model": "other", "version": version(store["o2"]), "share": 0.5})[0] == 200
     finally:
         stop(proc)
     proc, url = serve(home, {})  # no MODEL_TAG, no token: the record decides
     try:
         assert answers_from_every_worker(url, n=5) == {store["v2"]}
-        assert predict(url, "other")[1]["model"] == store["o2"]
+        assert predict(url, "other")[1]["model"] == store["o1"]
+        predict(url, "other")
+        time.sleep(1.0)
+        (pair,) = [p for p in shadow(url, method="GET")[1] if p["active"]]  # the shadow too
+        assert (pair["model"], pair["shadow"], pair["share"]) == (store["o1"], store["o2"], 0.5)
         status, body = post(url, "/v2/repository/index")
         assert status == 403 and "NORMSERVE_ADMIN_TOKEN" in body["error"]  # off without a token
     finally:
@@ -399,7 +409,7 @@ def test_a_restart_serves_the_default_it_served_before(store, tmp_path):
     proc, url = serve(home, {"MODEL_TAG": store["v1"]})  # MODEL_TAG comes first at start-up
     try:
         assert answers_from_every_worker(url, n=5) == {store["v1"]}
-        assert predict(url, "other")[1]["model"] == store["o2"]
+        assert predict(url, "other")[1]["model"] == store["o1"]
     finally:
         stop(proc)
 
@@ -455,3 +465,93 @@ def test_the_gate_promotes_through_the_repository_or_leaves_the_server_as_it_was
         assert answers_from_every_worker(server, "other") == {store["o1"]}
     finally:
         post(server, "/v2/repository/models/other/unload")
+
+
+# ---- shadow traffic -------------------------------------------------------------------------
+
+def shadow(url: str, body: dict | None = None, method: str = "POST", query: str = "", token=TOKEN):
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(f"{url}/shadow{query}", data=json.dumps(body).encode() if body else None,
+                                 method=method, headers={"Content-Type": "application/json",
+                                                         **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def offline_pair(store, rows: list[dict]):
+    """Both versions of `other` scored offline on the same rows: (label agreement, mean |Δp|)."""
+    from training.compare import open_scorer
+    a, b = (open_scorer(store[k]).scorer for k in ("o1", "o2"))
+    (pa, la), (pb, lb) = a.run(a.check(rows)), b.run(b.check(rows))
+    return float(np.mean(la == lb)), float(np.abs(pa - pb).mean(axis=1).mean())
+
+
+def test_a_shadow_scores_a_share_of_live_requests_off_the_request_path(server, store):
+    o1, o2 = version(store["o1"]), version(store["o2"])
+    assert load(server, "other", versions=[o2, o1])[0] == 200  # the default: o2, the newer
+    assert load(server, "other", versions=[o1])[0] == 200      # o1 the default, o2 still loaded
+    frame = make_frame(n=600, seed=21).drop(columns="label")
+    rows = frame.to_dict(orient="records")
+    requests = [rows[i:i + 3] for i in range(0, 600, 3)]  # 200 requests of 3 rows
+    try:
+        without = [request(server + "/predict?model=other", {"instances": r}) for r in requests[:40]]
+        assert shadow(server, {"model": "other", "version": o2, "share": 1.0}, token=None)[0] == 401
+        assert shadow(server, {"model": "other", "version": o1, "share": 1.0})[0] == 400  # the default
+        assert shadow(server, {"model": "other", "version": o2, "share": 1.5})[0] == 400
+        assert shadow(server, {"model": "other", "version": o2, "share": 1.0})[0] == 200
+        time.sleep(1.0)
+        answers = [request(server + "/predict?model=other", {"instances": r}) for r in requests]
+        assert answers[:40] == without  # the caller's answers, byte for byte the same
+        assert all(status == 200 and body["model"] == store["o1"] for status, body in answers)
+        time.sleep(1.0)
+        (pair,) = [p for p in shadow(server, method="GET")[1] if p["model"] == store["o1"]]
+        agreement, prob_diff = offline_pair(store, rows)
+        assert pair["shadow"] == store["o2"] and pair["active"] and pair["share"] == 1.0
+        assert pair["requests"] == 200 and pair["rows_compared"] == 600 and pair["dropped_rows"] == 0
+        assert pair["error_rows"] == 0
+        assert pair["label_agreement"] == pytest.approx(agreement, abs=1e-9)
+        assert pair["mean_abs_probability_diff"] == pytest.approx(prob_diff, rel=1e-4)
+        _, metrics = request(server + "/metrics")
+        assert f'normserve_shadow_rows_total{{model="{store["o1"]}",shadow="{store["o2"]}"}} 600.0' in metrics
+
+        assert shadow(server, {"model": "other", "version": o2, "share": 0.25})[0] == 200
+        time.sleep(1.0)
+        for r in requests:
+            request(server + "/predict?model=other", {"instances": r})
+        time.sleep(1.0)
+        (pair,) = [p for p in shadow(server, method="GET")[1] if p["model"] == store["o1"]]
+        sampled = pair["requests"] - 200
+        assert 20 <= sampled <= 80, sampled  # a quarter of 200, give or take four sd
+        assert shadow(server, method="DELETE", query="?model=other")[0] == 200
+        assert shadow(server, method="DELETE", query="?model=other")[0] == 404  # none left
+        assert not [p for p in shadow(server, method="GET")[1] if p["active"]]
+    finally:
+        post(server, "/v2/repository/models/other/unload")
+
+
+def test_a_failing_or_overrun_shadow_never_fails_a_request():
+    """The shadow's own failures and a full queue are counted, never raised (in process: a shadow
+    whose graph raises, and a queue with no room)."""
+    from types import SimpleNamespace
+
+    from service import shadow as shadows
+
+    class Broken:
+        def run(self, *_):
+            raise RuntimeError("the shadow's graph fails")
+    default = SimpleNamespace(tag="m:1", task="classification")
+    failing = SimpleNamespace(tag="m:2", session=Broken(), outputs=["probabilities", "label"])
+    worker = shadows.ShadowWorker()
+    worker.queue = __import__("queue").Queue(1)
+    pair = shadows.Shadow(default, failing, 1.0, worker)
+    out = [np.full((3, 2), 0.5, np.float32), np.zeros(3, np.int64)]
+    before = {k: s._value.get() for k, s in pair.series.items()}
+    pair.offer({"features": np.zeros((3, 4), np.float32)}, out)   # queued
+    pair.offer({"features": np.zeros((3, 4), np.float32)}, out)   # no room: dropped
+    shadows.ShadowWorker.score([worker.queue.get_nowait()])        # the graph raises: counted
+    grown = {k: s._value.get() - before[k] for k, s in pair.series.items()}
+    assert grown["dropped"] == 3 and grown["errors"] == 3 and grown["requests"] == 1 and grown["rows"] == 0
