@@ -69,14 +69,8 @@ class Repository:
             else:
                 await loop.run_in_executor(None, self.load, name, config(request))
             return 200, b"{}"
-        except RepositoryError as e:
-            return e.status, orjson.dumps({"error": str(e)})
-        except NotLoaded as e:
-            return 404, orjson.dumps({"error": str(e)})
-        except LoadRefused as e:
-            return 400, orjson.dumps({"error": str(e)})
-        except RecordError as e:
-            return 503, orjson.dumps({"error": str(e)})
+        except (RepositoryError, NotLoaded, LoadRefused, RecordError) as e:
+            return failure(e)
 
     def authorize(self, given: bytes | None) -> None:
         """The operator's token in an Authorization header, or RepositoryError (401 or 403)."""
@@ -116,14 +110,8 @@ class Repository:
                 raise RepositoryError(400, "share must be a number above 0 and at most 1")
             await loop.run_in_executor(None, self.registry.set_shadow, name.lower(), version.lower(), float(share))
             return 200, b"{}"
-        except RepositoryError as e:
-            return e.status, orjson.dumps({"error": str(e)})
-        except NotLoaded as e:
-            return 404, orjson.dumps({"error": str(e)})
-        except LoadRefused as e:
-            return 400, orjson.dumps({"error": str(e)})
-        except RecordError as e:
-            return 503, orjson.dumps({"error": str(e)})
+        except (RepositoryError, NotLoaded, LoadRefused, RecordError) as e:
+            return failure(e)
 
     @staticmethod
     def read(body: bytes) -> dict:
@@ -168,6 +156,14 @@ class Repository:
             keep = chosen
         newest = max(keep, key=stored.index)
         self.registry.load(name, wanted, lambda versions: newest, allow)
+
+
+STATUS = {NotLoaded: 404, LoadRefused: 400, RecordError: 503}  # RepositoryError carries its own
+
+
+def failure(e: Exception) -> tuple[int, bytes]:
+    """A refused call as its status and JSON error."""
+    return getattr(e, "status", None) or STATUS[type(e)], orjson.dumps({"error": str(e)})
 
 
 def config(request: dict) -> dict:
