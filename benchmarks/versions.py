@@ -14,6 +14,10 @@ the default model's serving speed against the code from before versions.
    core 0 and the client on core 1 (benchmarks/serve_load.py), this code against --baseline (a git
    worktree of it; default: the commit before service/registry.py was added), alternating, each
    --repeats times.
+4. A shadow's cost: the same load on one server (one pinned worker, its shadow thread on the same
+   core), a shadow at --shadow-share (0.25) switched on and off between runs, alternating.
+
+--parts picks some of switch (1 and 2), speed, shadow.
 
 Prints a table (min / median / max over repetitions), writes benchmarks/results/versions.json and
 docs/versions_switch.png (latency over time in one switch phase, the switches marked).
@@ -174,6 +178,40 @@ def serving_speed(tag: str, row: list[float], requests: int, repeats: int, basel
     return runs
 
 
+def shadow_cost(tags: list[str], row: list[float], requests: int, repeats: int, share: float) -> dict:
+    """Alternating runs on one server: without a shadow, and with the other version as the
+    default's shadow at `share`."""
+    import bentoml
+    name, (v1, v2) = tags[0].split(":")[0], [t.split(":", 1)[1] for t in tags]
+    env = {**os.environ, "MODEL_TAG": tags[0], "WORKERS": "1", "NORMSERVE_ADMIN_TOKEN": TOKEN}
+    body = json.dumps({"instances": [row]}).encode()
+    runs = {"off": [], "on": []}
+    if (os.cpu_count() or 1) >= 2:
+        os.sched_setaffinity(0, {CLIENT_CORE})
+    proc, url, _ = start("bentoml", bentoml.models.get(tags[0]).path_of("model.onnx"), env)
+    try:
+        post(url, f"/v2/repository/models/{name}/load", load_body(v2))
+        post(url, f"/v2/repository/models/{name}/load", load_body(v1))  # v1 the default, v2 loaded
+        asyncio.run(load(url, body, 8, requests=3000))  # warm-up
+        for repeat in range(repeats):
+            for state in ("off", "on"):
+                if state == "on":
+                    post(url, "/shadow", {"model": name, "version": v2, "share": share})
+                r = asyncio.run(load(url, body, 32, requests=requests))
+                if state == "on":
+                    req = urllib.request.Request(f"{url}/shadow?model={name}", method="DELETE", headers=AUTH)
+                    urllib.request.urlopen(req, timeout=60).close()
+                runs[state].append(r)
+                print(f"  shadow repeat {repeat + 1} {state:<3}: {r['requests_per_s']:>7.1f} req/s, "
+                      f"p99 {r['p99_ms']} ms, errors {r['errors']}", flush=True)
+        with urllib.request.urlopen(url + "/shadow", timeout=60) as answer:
+            runs["figures"] = json.loads(answer.read())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -181,7 +219,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000, help="per serving-speed run")
     parser.add_argument("--steady", type=float, default=8.0, help="seconds of steady load before switching")
     parser.add_argument("--baseline", help="git revision to compare the serving speed with")
+    parser.add_argument("--shadow-share", type=float, default=0.25)
+    parser.add_argument("--parts", default="switch,speed,shadow")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     from sklearn.datasets import load_breast_cancer
     data = Path(tempfile.mkdtemp(prefix="bench-versions-")) / "breast_cancer.csv"
     load_breast_cancer(as_frame=True).frame.to_csv(data, index=False)
@@ -191,8 +232,8 @@ def main() -> None:
     import pandas as pd
     row = [round(float(v), 4) for v in pd.read_csv(data).drop(columns="target").iloc[0]]
 
-    switch_runs, memory = [], []
-    for repeat in range(args.repeats):
+    switch_runs, memory, speed, shadow, rev = [], [], {}, {}, None
+    for repeat in range(args.repeats if "switch" in parts else 0):
         env = {**os.environ, "MODEL_TAG": switch_tags[0], "WORKERS": "2", "NORMSERVE_ADMIN_TOKEN": TOKEN}
         proc, url, _ = start("bentoml", "", env, pin=False)
         try:
@@ -209,22 +250,61 @@ def main() -> None:
               f"{max(r['old_version_last_answer_s']):.3f} s after a load was sent; memory "
               f"+{memory[-1]['grown_mb']} MB over 20 cycles", flush=True)
 
-    baseline, rev = baseline_worktree(args.baseline)
-    speed = serving_speed(switch_tags[0], row, args.requests, args.repeats, baseline)
-    summary = report(switch_runs, memory, speed, rev, args)
+    if "speed" in parts:
+        baseline, rev = baseline_worktree(args.baseline)
+        speed = serving_speed(switch_tags[0], row, args.requests, args.repeats, baseline)
+    if "shadow" in parts:
+        shadow = shadow_cost(switch_tags, row, args.requests, args.repeats, args.shadow_share)
+    summary = report(switch_runs, memory, speed, shadow, rev, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in switch_runs[1:]:
         r.pop("timeline")
-    (RESULTS / "versions.json").write_text(json.dumps(
-        {"summary": summary, "switch_runs": switch_runs, "memory": memory, "speed": speed,
-         "baseline": rev}, indent=1) + "\n")
-    plot(switch_runs[0], ROOT / "docs" / "versions_switch.png")
-    print(f"\nwritten to {RESULTS / 'versions.json'} and docs/versions_switch.png")
+    out = RESULTS / ("versions.json" if parts == {"switch", "speed", "shadow"} else f"versions-{'-'.join(sorted(parts))}.json")
+    out.write_text(json.dumps({"summary": summary, "switch_runs": switch_runs, "memory": memory, "speed": speed,
+                               "shadow": shadow, "baseline": rev}, indent=1) + "\n")
+    if switch_runs:
+        plot(switch_runs[0], ROOT / "docs" / "versions_switch.png")
+    print(f"\nwritten to {out}" + (" and docs/versions_switch.png" if switch_runs else ""))
 
 
-def report(switch_runs, memory, speed, rev, args) -> dict:
+def report(switch_runs, memory, speed, shadow, rev, args) -> dict:
+    summary, rows = {}, []
+    if switch_runs:
+        summary.update(switch_summary(switch_runs, memory))
+        rows += [("errors (non-200) during switching", summary["errors"], ""),
+                 ("requests per run", summary["requests"], ""),
+                 ("p99 steady (ms)", summary["p99_steady_ms"], ""),
+                 ("p99 while switching (ms)", summary["p99_switching_ms"], ""),
+                 ("p99 switching / steady", summary["p99_switching_vs_steady"], "goal <= 2"),
+                 ("load call (s)", summary["load_call_s"], f"{args.switches} per run"),
+                 ("load sent -> last old answer (s)", summary["old_version_last_answer_s"], ""),
+                 ("RSS growth, 20 load/unload cycles (MB)", summary["memory_grown_mb"], "goal < 50")]
+    for label, runs, key, versus in (("speed", speed, "before", "now"), ("shadow", shadow, "off", "on")):
+        if not runs:
+            continue
+        med = lambda k, code: float(np.median([r[k] for r in runs[code]]))  # noqa: E731
+        part = {f"{label}_req_per_s": {k: spread([r["requests_per_s"] for r in runs[k]]) for k in (key, versus)},
+                f"{label}_p99_ms": {k: spread([r["p99_ms"] for r in runs[k]]) for k in (key, versus)},
+                f"{label}_throughput_ratio": round(med("requests_per_s", versus) / med("requests_per_s", key), 3),
+                f"{label}_p99_ratio": round(med("p99_ms", versus) / med("p99_ms", key), 3)}
+        summary.update(part)
+        goal = ("(goal >= 0.9)", "(goal <= 1.1)") if label == "speed" else ("(goal >= 0.9)", "(goal <= 1.5)")
+        note = rev if label == "speed" else f"share {args.shadow_share}"
+        rows += [(f"/predict req/s {key}", part[f"{label}_req_per_s"][key], note),
+                 (f"/predict req/s {versus}", part[f"{label}_req_per_s"][versus],
+                  f"{part[f'{label}_throughput_ratio']:.3f}x {goal[0]}"),
+                 (f"/predict p99 ms {key}", part[f"{label}_p99_ms"][key], note),
+                 (f"/predict p99 ms {versus}", part[f"{label}_p99_ms"][versus],
+                  f"{part[f'{label}_p99_ratio']:.3f}x {goal[1]}")]
+    print(f"\n{'':<42} {'min / median / max':>30}")
+    for label, values, note in rows:
+        print(f"{label:<42} {' / '.join(f'{v:g}' for v in values):>30}  {note}")
+    return summary
+
+
+def switch_summary(switch_runs, memory) -> dict:
     ratio = [r["p99_switching_ms"] / r["p99_steady_ms"] for r in switch_runs]
-    summary = {
+    return {
         "errors": spread([r["errors"] for r in switch_runs]),
         "requests": spread([r["requests"] for r in switch_runs]),
         "p99_steady_ms": spread([r["p99_steady_ms"] for r in switch_runs]),
@@ -233,30 +313,7 @@ def report(switch_runs, memory, speed, rev, args) -> dict:
         "load_call_s": spread([v for r in switch_runs for v in r["load_call_s"]]),
         "old_version_last_answer_s": spread([v for r in switch_runs for v in r["old_version_last_answer_s"]]),
         "memory_grown_mb": spread([m["grown_mb"] for m in memory]),
-        "predict_req_per_s": {k: spread([r["requests_per_s"] for r in v]) for k, v in speed.items()},
-        "predict_p99_ms": {k: spread([r["p99_ms"] for r in v]) for k, v in speed.items()},
     }
-    med = lambda k, code: float(np.median([r[k] for r in speed[code]]))  # noqa: E731
-    summary["throughput_now_vs_before"] = round(med("requests_per_s", "now") / med("requests_per_s", "before"), 3)
-    summary["p99_now_vs_before"] = round(med("p99_ms", "now") / med("p99_ms", "before"), 3)
-    rows = [("errors (non-200) during switching", summary["errors"], ""),
-            ("requests per run", summary["requests"], ""),
-            ("p99 steady (ms)", summary["p99_steady_ms"], ""),
-            ("p99 while switching (ms)", summary["p99_switching_ms"], ""),
-            ("p99 switching / steady", summary["p99_switching_vs_steady"], "goal <= 2"),
-            ("load call (s)", summary["load_call_s"], f"{args.switches} per run"),
-            ("load sent -> last old answer (s)", summary["old_version_last_answer_s"], ""),
-            ("RSS growth, 20 load/unload cycles (MB)", summary["memory_grown_mb"], "goal < 50"),
-            ("/predict req/s before", summary["predict_req_per_s"]["before"], rev),
-            ("/predict req/s now", summary["predict_req_per_s"]["now"],
-             f"{summary['throughput_now_vs_before']:.3f}x (goal >= 0.9)"),
-            ("/predict p99 ms before", summary["predict_p99_ms"]["before"], rev),
-            ("/predict p99 ms now", summary["predict_p99_ms"]["now"],
-             f"{summary['p99_now_vs_before']:.3f}x (goal <= 1.1)")]
-    print(f"\n{'':<42} {'min / median / max':>30}")
-    for label, values, note in rows:
-        print(f"{label:<42} {' / '.join(f'{v:g}' for v in values):>30}  {note}")
-    return summary
 
 
 def plot(run: dict, out: Path) -> None:

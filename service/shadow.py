@@ -4,9 +4,12 @@ in spirit). The caller gets the default's answer, as fast and with the same erro
 shadow.
 
 A request answered by a default that has a shadow is sampled (`share`); a sampled request's
-checked inputs and the default's outputs go into a bounded queue (nothing else happens on the
-request path), which one thread per worker drains, scoring many requests in one onnxruntime run
-(which releases the GIL); a request the queue has no room for is dropped and counted. Counted per
+checked inputs and the default's outputs are appended to a bounded queue (a deque: nothing else
+happens on the request path, and nothing is woken), which one thread per worker drains every
+DRAIN_SECONDS, scoring the requests that came in one onnxruntime run per pair (which releases the
+GIL); a request the queue has no room for is dropped and counted. (A queue.Queue that woke the
+thread for every request cost 30% of the default's throughput at share 0.25:
+benchmarks/versions.py.) Counted per
 pair of default and shadow, as Prometheus counters (`model` and `shadow` labels, summed over
 workers and replicas): requests and rows compared, rows where the two labels agree
 (classification) or the sum of |difference| in the target's units (regression), the sum of the
@@ -15,9 +18,9 @@ GET /shadow sums them over the server's workers.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
-import queue
 import random
 import sys
 import threading
@@ -25,8 +28,8 @@ import time
 
 import numpy as np
 
-QUEUE_REQUESTS = 512   # sampled requests waiting at most; beyond that they are dropped (and counted)
-BATCH_REQUESTS = 256   # scored in one run at most
+QUEUE_REQUESTS = 1024  # sampled requests waiting at most; beyond that they are dropped (and counted)
+DRAIN_SECONDS = 0.05   # how often the thread scores what came in
 
 
 @functools.cache  # once per process: Prometheus metrics are registered globally
@@ -58,10 +61,11 @@ class Shadow:
         """On the request path: a random draw and, if sampled, a reference into the queue."""
         if random.random() >= self.share:
             return
-        try:
-            self.worker.queue.put_nowait((self, feeds, out))
-        except queue.Full:
+        waiting = self.worker.waiting
+        if len(waiting) >= QUEUE_REQUESTS:
             self.series["dropped"].inc(len(out[0]))
+        else:
+            waiting.append((self, feeds, out))
 
     def compare(self, feeds: dict, out: list, requests: int) -> None:
         """Off the request path: the shadow's answer to these inputs against the default's."""
@@ -88,7 +92,7 @@ class ShadowWorker:
     """The queue and the thread that drains it (one per worker process, started when first used)."""
 
     def __init__(self):
-        self.queue: queue.Queue = queue.Queue(QUEUE_REQUESTS)
+        self.waiting: collections.deque = collections.deque()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
 
@@ -100,16 +104,15 @@ class ShadowWorker:
 
     def drain(self) -> None:
         while True:
-            batch = [self.queue.get()]
-            while len(batch) < BATCH_REQUESTS:
+            time.sleep(DRAIN_SECONDS)
+            batch = []
+            while self.waiting:
+                batch.append(self.waiting.popleft())
+            if batch:
                 try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self.score(batch)
-            except Exception as e:  # never stop; say why
-                print(f"warning: shadow scoring: {type(e).__name__}: {e}", file=sys.stderr)
+                    self.score(batch)
+                except Exception as e:  # never stop; say why
+                    print(f"warning: shadow scoring: {type(e).__name__}: {e}", file=sys.stderr)
 
     @staticmethod
     def score(batch: list) -> None:

@@ -546,12 +546,11 @@ def test_a_failing_or_overrun_shadow_never_fails_a_request():
     default = SimpleNamespace(tag="m:1", task="classification")
     failing = SimpleNamespace(tag="m:2", session=Broken(), outputs=["probabilities", "label"])
     worker = shadows.ShadowWorker()
-    worker.queue = __import__("queue").Queue(1)
     pair = shadows.Shadow(default, failing, 1.0, worker)
     out = [np.full((3, 2), 0.5, np.float32), np.zeros(3, np.int64)]
     before = {k: s._value.get() for k, s in pair.series.items()}
-    pair.offer({"features": np.zeros((3, 4), np.float32)}, out)   # queued
-    pair.offer({"features": np.zeros((3, 4), np.float32)}, out)   # no room: dropped
-    shadows.ShadowWorker.score([worker.queue.get_nowait()])        # the graph raises: counted
+    for _ in range(shadows.QUEUE_REQUESTS + 1):  # the last one finds no room: dropped
+        pair.offer({"features": np.zeros((3, 4), np.float32)}, out)
+    shadows.ShadowWorker.score([worker.waiting.popleft()])         # the graph raises: counted
     grown = {k: s._value.get() - before[k] for k, s in pair.series.items()}
     assert grown["dropped"] == 3 and grown["errors"] == 3 and grown["requests"] == 1 and grown["rows"] == 0
