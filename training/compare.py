@@ -202,15 +202,28 @@ def compare(champion: Model, candidate: Model, data: str, target: str | None, *,
     rows_used = np.flatnonzero(both & ~unknown)
     if len(rows_used) < 2:
         raise GateError(f"only {len(rows_used)} of {len(y)} rows could be scored by both models")
+    outputs = {role: s.outputs for role, s in scored.items()}
+    return {"champion": champion.tag, "candidate": candidate.tag, "task": task, "data": data,
+            "rows": len(y), "rows_compared": len(rows_used), "rows_unknown_label": int(unknown.sum()),
+            "rows_not_taken": {role: {"count": len(s.errors), "examples": dict(list(s.errors.items())[:5])}
+                               for role, s in scored.items()},
+            **judge(task, y, outputs["champion"], outputs["candidate"], rows_used, primary=primary,
+                    min_change=min_change, tolerance=tolerance, secondary_margin=secondary_margin,
+                    resamples=resamples, confidence=confidence, seed=seed)}
+
+
+def judge(task: str, y, champion: list, candidate: list, rows: np.ndarray, *, primary: str | None = None,
+          min_change: float = 0.0, tolerance: float = 0.005, secondary_margin: float = 0.02,
+          resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
+    """The rule on two models' outputs for the same rows (y: class indices or values)."""
     names = list(METRICS[task])
     primary = primary or PRIMARY[task]
     if primary not in names:
         raise GateError(f"--metric {primary} is not a {task} metric; choose from {', '.join(names)}")
-    outputs = {role: s.outputs for role, s in scored.items()}
-    values = {role: {n: metric(n, y, outputs[role], rows_used) for n in names} for role in outputs}
+    values = {role: {n: metric(n, y, out, rows) for n in names}
+              for role, out in (("champion", champion), ("candidate", candidate))}
     diff = {n: improvement(n, values["champion"][n], values["candidate"][n]) for n in names}
-    mean, low, high = bootstrap(primary, y, outputs["champion"], outputs["candidate"], rows_used,
-                                resamples, confidence, seed)
+    mean, low, high = bootstrap(primary, y, champion, candidate, rows, resamples, confidence, seed)
     worse = [n for n in names if n != primary and np.isfinite(diff[n]) and diff[n] < -secondary_margin]
     reasons = []
     if not diff[primary] >= min_change:
@@ -219,18 +232,11 @@ def compare(champion: Model, candidate: Model, data: str, target: str | None, *,
     if not low > -tolerance:
         reasons.append(f"the {confidence:.0%} interval's lower end {low:+.4f} is not above -{tolerance:g}")
     reasons += [f"{n} is worse by {-diff[n]:.4f}, more than --secondary-margin {secondary_margin:g}" for n in worse]
-    return {
-        "champion": champion.tag, "candidate": candidate.tag, "task": task, "data": data,
-        "rows": len(y), "rows_compared": len(rows_used),
-        "rows_unknown_label": int(unknown.sum()),
-        "rows_not_taken": {role: {"count": len(s.errors), "examples": dict(list(s.errors.items())[:5])}
-                           for role, s in scored.items()},
-        "metrics": values, "difference_in_candidates_favour": diff,
-        "primary": {"metric": primary, "difference": diff[primary], "bootstrap_mean": mean,
-                    "interval": [low, high], "confidence": confidence, "resamples": resamples},
-        "rule": {"min_change": min_change, "tolerance": tolerance, "secondary_margin": secondary_margin},
-        "verdict": "keep" if reasons else "promote", "reasons": reasons,
-    }
+    return {"metrics": values, "difference_in_candidates_favour": diff,
+            "primary": {"metric": primary, "difference": diff[primary], "bootstrap_mean": mean,
+                        "interval": [low, high], "confidence": confidence, "resamples": resamples},
+            "rule": {"min_change": min_change, "tolerance": tolerance, "secondary_margin": secondary_margin},
+            "verdict": "keep" if reasons else "promote", "reasons": reasons}
 
 
 def summary(report: dict) -> str:
