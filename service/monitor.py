@@ -5,17 +5,27 @@ Per model version (the `model` label, name:version, on every series): each loade
 monitor of its own, so a new default version starts its own window.
 
 Constant memory: each worker keeps its counts in a small shared-memory file: since start, and a
-ring of buckets of recent rows, each stamped with the time of its last row. Any worker reads every
-worker's file to answer GET /drift and to set the per-server Prometheus gauges: since start is the
-sum of all, the recent window the newest buckets of all workers that together hold DRIFT_WINDOW
-rows. Each worker also exports its own counts as Prometheus counters, which Prometheus sums over
-workers and replicas (deploy/prometheus/ computes the fleet's verdicts from them).
+ring of buckets of recent rows (each about BUCKET_ROWS answered rows), each stamped with the time
+of its last row and the rows it answered. Any worker reads every worker's file to answer GET
+/drift and to set the per-server Prometheus gauges: since start is the sum of all; each window of
+DRIFT_WINDOWS answered rows (500, 1,000, 2,000 and 5,000) is the newest buckets of all workers
+that together answered that many rows. Each worker also exports its own counts as Prometheus
+counters, which Prometheus sums over workers and replicas (deploy/prometheus/ computes the fleet's
+verdicts from them).
+
+Why several windows of answered rows: a shift is seen soon whatever calm traffic came before (the
+shortest windows hold only the shift within a few hundred rows of its start), and small shifts
+still show in the longest window. Each window is tested at a share of the false-alarm budget
+(DRIFT_ALPHA, per stretch of STRETCH_ROWS answered rows): alpha / (windows x (STRETCH_ROWS /
+window + 1)), Bonferroni over the windows and over the roughly independent looks a window of that
+length takes in a stretch. The recent verdict is the worst window's; benchmarks/drift_calibration.py
+measures the false alarms per stretch and the detection delay.
 
 Scoring a request only keeps its input array (of a large request, a sample of rows); they are
 counted in batches (every FLUSH_ROWS rows or FLUSH_SECONDS), which keeps the monitor's cost per
-request small. A counted row is evidence of one row, whatever the size of its
-request: the statistics rest on the rows actually counted. Only inputs that were answered 200 are
-counted: rejected requests never get here.
+request small. A counted row is evidence of one row, whatever the size of its request: the
+statistics rest on the rows actually counted, and the windows on the rows answered. Only inputs
+that were answered 200 are counted: rejected requests never get here.
 """
 from __future__ import annotations
 
@@ -36,21 +46,42 @@ from training.drift import Layout, image_features
 from training.drift_stats import VERDICTS, Comparison, Settings
 
 ENABLED = os.environ.get("DRIFT", "1") != "0"
-WINDOW = int(os.environ.get("DRIFT_WINDOW", "10000"))     # counted rows in the recent window (all workers)
+# Answered rows in each recent window (all workers), and the stretch the false-alarm budget holds for.
+WINDOW_ROWS = tuple(sorted(int(w) for w in os.environ.get("DRIFT_WINDOWS", "500,1000,2000,5000").split(",")))
+STRETCH_ROWS = 2000
 SETTINGS = Settings(alpha=float(os.environ.get("DRIFT_ALPHA", Settings.alpha)),
                     min_rows=max(1, int(os.environ.get("DRIFT_MIN_ROWS", Settings.min_rows))),
                     **{name: float(os.environ.get(f"DRIFT_{name.upper()}", default))
                        for name, default in Settings().thresholds().items()})
-BUCKETS = 10
 FLUSH_ROWS = 1024
 FLUSH_SECONDS = 0.5
 GAUGE_SECONDS = 5.0  # Prometheus scrapes every 15 s or so; GET /drift always brings them up to date
 # Of a request with more rows than SAMPLE_ABOVE, about SAMPLE_ABOVE to 2 x SAMPLE_ABOVE evenly
 # spaced rows are counted, and at least one row in SAMPLE_STRIDE: counting every row of bulk
-# requests would cost ~20-40% of their throughput.
+# requests would cost ~20-40% of their throughput; one in 8 keeps enough rows in the shortest
+# windows (125 of a 1,000-row request) for the tests.
 SAMPLE_ABOVE = int(os.environ.get("DRIFT_SAMPLE_ABOVE", "64"))
-SAMPLE_STRIDE = 32
+SAMPLE_STRIDE = 8
 WINDOWS = ("recent", "since_start")
+
+
+def bucket_rows(windows: tuple[int, ...]) -> int:
+    """Answered rows per bucket: a quarter of the shortest window."""
+    return max(1, min(windows) // 4)
+
+
+def window_alpha(alpha: float, window: int, windows: tuple[int, ...]) -> float:
+    """The false-alarm rate one window is tested at (module docstring)."""
+    return alpha / (len(windows) * (STRETCH_ROWS / window + 1))
+
+
+def weights(requests: list[tuple[int, int, int]]) -> np.ndarray:
+    """The answered rows each counted row stands for, of requests (rows, step, rows counted): a
+    request's step each, its last counted row the rest."""
+    rows, step, counted = (np.array(v, dtype=np.int64) for v in zip(*requests))
+    out = np.repeat(step.astype(np.float64), counted)
+    out[np.cumsum(counted) - 1] = rows - step * (counted - 1)
+    return out
 
 
 def sample_step(rows: int) -> int:
@@ -99,10 +130,14 @@ def verdict_code(verdict: str) -> int:
 
 
 class Monitor:
-    def __init__(self, meta: dict, window: int = WINDOW, settings: Settings = SETTINGS):
+    def __init__(self, meta: dict, windows: tuple[int, ...] = WINDOW_ROWS, settings: Settings = SETTINGS):
         profile = meta["drift"]
-        self.layout, self.window = Layout(profile), window
+        self.layout, self.windows = Layout(profile), tuple(sorted(windows))
+        # Since start (and, for Prometheus, the fleet's hour): one look at settings.alpha.
         self.comparison = Comparison(self.layout, settings, profile.get("rows"))
+        self.window_tests = {w: Comparison(self.layout, settings, profile.get("rows"),
+                                           alpha=window_alpha(settings.alpha, w, self.windows))
+                             for w in self.windows}
         self.modality, self.input, self.model = meta["modality"], meta["input"], meta["model"]
         profiled = {f["name"] for f in profile["features"]}
         names = ([c["name"] for c in meta["columns"]] if meta.get("columns")
@@ -122,19 +157,22 @@ class Monitor:
         # A version loaded again counts anew: a file of its own, not the one an earlier load of it
         # in this process may still have mapped.
         (self.dir / f"{key}-{os.getpid()}.f64").unlink(missing_ok=True)
-        # Row 0: since start; rows 1..BUCKETS: the ring of recent buckets. The last column holds
-        # the time a bucket was last added to (row 0: the rows answered, counted or not).
+        # Row 0: since start; rows 1..buckets: the ring of recent buckets. The last two columns
+        # hold the time a bucket was last added to, and the rows it answered (counted or not).
+        self.bucket_size = bucket_rows(self.windows)  # answered rows
+        # The ring's full buckets (all but the one being filled) hold the longest window, so one
+        # worker alone can fill it.
+        self.buckets = math.ceil(self.windows[-1] / self.bucket_size) + 2
         self.file = np.memmap(self.dir / f"{key}-{os.getpid()}.f64", np.float64, "w+",
-                              shape=(1 + BUCKETS, self.layout.size + 1))
+                              shape=(1 + self.buckets, self.layout.size + 2))
         self.counts = self.file.view(np.ndarray)  # the same memory, without memmap's Python hooks
-        self.bucket, self.bucket_rows = 0, 0
-        # The ring's full buckets (all but the one being filled) hold a window on their own, so
-        # one worker alone can fill it.
-        self.bucket_size = max(1, math.ceil(window / (BUCKETS - 1)))
+        self.bucket = 0
         # Staging: the rows waiting to be counted (numeric ones as the requests' own arrays, which
-        # the garbage collector does not track), and the rows answered since start.
+        # the garbage collector does not track), the answered rows each stands for, and the rows
+        # answered since start.
         self.numbers: list[np.ndarray] = []
         self.texts: dict[int, list] = {i: [] for i in self.layout.lookup}
+        self.weights: list[tuple[int, int, int]] = []  # per request: rows, step, rows counted
         self.staged = self.answered = 0
         self.timer = self.gauge_timer = None  # the next count, the next gauge update
         self.metrics, self.gauges_at = metrics(), -GAUGE_SECONDS
@@ -178,7 +216,9 @@ class Monitor:
             self.numbers.append(numeric if step == 1 else numeric[::step].copy())
         for i, values in texts:
             self.texts[i] += values[::step]
-        self.staged += -(-rows // step)
+        counted = -(-rows // step)
+        self.weights.append((rows, step, counted))
+        self.staged += counted
         if self.staged >= FLUSH_ROWS:
             self.flush()
 
@@ -196,51 +236,69 @@ class Monitor:
 
     def flush(self) -> None:
         """Count what is staged: the rows that fill the current bucket in one go, then the next
-        bucket's, so the window moves by about a bucket (window / 9 rows) at a time."""
+        bucket's, so the windows move by a bucket (BUCKET_ROWS answered rows) at a time."""
         rows, self.staged = self.staged, 0
         self.counts[0, -1] = self.answered
         if not rows:
             return
         numbers = np.concatenate(self.numbers) if self.numbers else None
+        answered = weights(self.weights)  # the answered rows each counted row stands for
         texts, now = self.texts, time.time()
-        self.numbers, self.texts = [], {i: [] for i in self.texts}
-        first = self.bucket_size - self.bucket_rows  # rows until the current bucket is full
-        starts = [0, *range(first, rows, self.bucket_size)]
-        for delta in self.layout.count_groups(numbers, texts, starts):
-            self.counts[0, :-1] += delta
-            self.counts[1 + self.bucket, :-1] += delta
-            self.counts[1 + self.bucket, -1] = now  # buckets are ordered across workers by time
-            self.bucket_rows += int(delta[0])
-            if self.bucket_rows >= self.bucket_size:  # the oldest bucket leaves the window
-                self.bucket, self.bucket_rows = (self.bucket + 1) % BUCKETS, 0
+        self.numbers, self.texts, self.weights = [], {i: [] for i in self.texts}, []
+        # A new bucket starts at the counted row where the current one reaches bucket_size answered rows.
+        filled = self.counts[1 + self.bucket, -1] + np.cumsum(answered)
+        starts = [0, *(np.searchsorted(filled, np.arange(1, int(filled[-1] // self.bucket_size) + 1)
+                                       * self.bucket_size, side="left") + 1)]
+        starts = sorted({int(a) for a in starts if a < rows})
+        ends = [*starts[1:], rows]
+        for delta, a, b in zip(self.layout.count_groups(numbers, texts, starts), starts, ends):
+            row = self.counts[1 + self.bucket]
+            row[:-2] += delta
+            self.counts[0, :-2] += delta
+            row[-2], row[-1] = now, row[-1] + answered[a:b].sum()  # time orders buckets across workers
+            if row[-1] >= self.bucket_size:  # full: the next one, the oldest leaving the windows
+                self.bucket = (self.bucket + 1) % self.buckets
                 self.counts[1 + self.bucket] = 0
 
-    def totals(self) -> tuple[dict[str, np.ndarray], int]:
-        """Since start: every worker's counts summed. Recent: the newest buckets of all workers,
-        newest first, until they hold the window's rows. And the rows answered since start."""
-        since, buckets = np.zeros(self.layout.size + 1), []
+    def totals(self) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, int]], int]:
+        """Since start: every worker's counts summed. Each window: the newest buckets of all
+        workers, newest first, until they answered the window's rows (its counts, and the rows
+        they answered). And the rows answered since start."""
+        since, buckets = np.zeros(self.layout.size + 2), []
         for path in self.dir.glob(self.pattern):
             try:
-                counts = np.fromfile(path, np.float64).reshape(1 + BUCKETS, self.layout.size + 1)
+                counts = np.fromfile(path, np.float64).reshape(1 + self.buckets, self.layout.size + 2)
             except (OSError, ValueError):  # a worker's file being created
                 continue
             since += counts[0]
             buckets += [b for b in counts[1:] if b[0] > 0]
-        recent = np.zeros(self.layout.size)
-        for bucket in sorted(buckets, key=lambda b: -b[-1]):
-            if recent[0] >= self.window:
-                break
-            recent += bucket[:-1]
-        return {"recent": recent, "since_start": since[:-1]}, int(since[-1])
+        buckets.sort(key=lambda b: -b[-2])
+        windows, total, answered, taken = {}, np.zeros(self.layout.size), 0.0, 0
+        for w in self.windows:
+            while answered < w and taken < len(buckets):
+                total += buckets[taken][:-2]
+                answered += buckets[taken][-1]
+                taken += 1
+            windows[w] = (total.copy(), int(answered))
+        return since[:-2], windows, int(since[-1])
 
     def report(self) -> dict:
         self.flush()
-        totals, answered = self.totals()
-        windows = {w: self.comparison.compare(totals[w]) for w in WINDOWS}
+        since, windows, answered = self.totals()
+        looked = []
+        for w, (counts, rows) in windows.items():
+            result = self.window_tests[w].compare(counts)
+            looked.append({**result, "window_rows": w, "answered_in_window": rows})
+        # The recent verdict: the worst window's (of equals, the longest: the most evidence).
+        rank = {v: i for i, v in enumerate(("not_enough_data", *VERDICTS))}
+        recent = max(reversed(looked), key=lambda r: rank[r["verdict"]])
         s = self.comparison.settings
-        return {"enabled": True, "verdict": windows["recent"]["verdict"], "window_rows": self.window,
+        return {"enabled": True, "verdict": recent["verdict"], "window_rows": recent["window_rows"],
+                "windows": [{"window_rows": r["window_rows"], "answered_rows": r["answered_in_window"],
+                             "rows": r["rows"], "verdict": r["verdict"]} for r in looked],
                 "min_rows": s.min_rows, "alpha": s.alpha, "thresholds": s.thresholds(),
-                "answered_rows": answered, "not_monitored": self.not_monitored, **windows}
+                "answered_rows": answered, "not_monitored": self.not_monitored, "recent": recent,
+                "since_start": self.comparison.compare(since)}
 
     def export_reference(self) -> None:
         """The training side of the fleet's comparison, and every counter at zero, so that each
@@ -275,7 +333,7 @@ class Monitor:
                     m["psi"].labels(*labels).set(f["psi"])
                 if f.get("mean_shift") is not None:
                     m["mean_shift"].labels(*labels).set(f["mean_shift"])
-        new = self.counts[0, :-1] - self.exported
+        new = self.counts[0, :-2] - self.exported
         if not new[0]:
             return
         self.exported += new

@@ -17,7 +17,7 @@ from training.fit import run
 
 FEATURES = ["income", "ratio", "age", "score"]
 WINDOW = 600
-ENV = {"WORKERS": "2", "DRIFT_WINDOW": str(WINDOW), "DRIFT_MIN_ROWS": "200", "MAX_ROWS": "1000"}
+ENV = {"WORKERS": "2", "DRIFT_WINDOWS": f"{WINDOW // 2},{WINDOW}", "DRIFT_MIN_ROWS": "200", "MAX_ROWS": "1000"}
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +113,11 @@ def test_in_distribution_rows_are_ok_and_rejected_rows_are_not_counted(server):
     assert body["answered_rows"] == 1200 and body["not_monitored"] == []
     assert body["verdict"] == body["since_start"]["verdict"] == "ok"
     assert set(verdicts(body["recent"]).values()) == set(verdicts(body["since_start"]).values()) == {"ok"}
-    # The newest rows: whole buckets (600 / 9 rows) of whole requests (50 rows).
-    assert WINDOW <= body["recent"]["rows"] < WINDOW + 67 + 50
+    # The newest rows: whole buckets (75 answered rows: a quarter of the shortest window) of
+    # whole requests (50 rows), enough to hold each window.
+    for w in body["windows"]:
+        assert w["window_rows"] <= w["answered_rows"] < w["window_rows"] + 150 + 50
+    assert body["recent"]["window_rows"] == WINDOW  # all ok: the longest window tells
     assert all(f["psi"] < 0.1 and abs(f["mean_shift"]) < 0.25 for f in body["recent"]["features"])
 
 
@@ -123,7 +126,7 @@ def test_bulk_requests_are_sampled_and_rest_on_the_rows_counted(server, model):
     in-distribution bulk traffic stays ok, a shift in it is seen, and the answered rows are told."""
     send(server, make_frame(n=8000, seed=14)[FEATURES].to_numpy().tolist(), per_request=1000)
     body = report(server, counted(8000, 1000))
-    assert body["answered_rows"] == 8000 and body["since_start"]["rows"] == 8 * 67  # every 15th row
+    assert body["answered_rows"] == 8000 and body["since_start"]["rows"] == 8 * 125  # every 8th row
     assert body["since_start"]["verdict"] == "ok"
     shifted = make_frame(n=8000, seed=15)
     shifted["income"] += 2 * model.card["drift"]["features"][0]["std"]
@@ -180,7 +183,7 @@ def mixed(tmp_path_factory):
 
 
 def test_unseen_categories_raise_the_categorical_distance(mixed):
-    proc, url = start_server({"MODEL_TAG": mixed.tag, "DRIFT_WINDOW": "400", "DRIFT_MIN_ROWS": "200"})
+    proc, url = start_server({"MODEL_TAG": mixed.tag, "DRIFT_WINDOWS": "200,400", "DRIFT_MIN_ROWS": "200"})
     try:
         live = penguins(n=800, seed=21).drop(columns=["species", "id"])
         send(url, records(live.iloc[:400]))

@@ -12,16 +12,22 @@ homogeneity between the n live rows and the N training rows,
 
     chi2 = n N sum_i (s_i - r_i)^2 / (a_i + N r_i),   (bins - 1) degrees of freedom,
 
-where a_i is bin i's live count, s_i = a_i / n its live share and r_i its training share. A
-feature is significant at ALPHA / features (Bonferroni: the overall verdict raises a false alarm
-on at most a share ALPHA of in-distribution windows, whatever their size). The effect sizes are
-the ones people read: the population stability index over the same bins and, for numeric
-features, the mean shift in training standard deviations. A feature is
+where a_i is bin i's live count, s_i = a_i / n its live share and r_i its training share. Beside
+it, each feature has a second test aimed at the change people look for first: for a numeric
+feature the z test of its mean, z = (live mean - training mean) / (training std sqrt(1/n + 1/N));
+for a categorical one the largest z of one test bin's share, (s_i - r_i) / sqrt(r_i (1 - r_i)
+(1/n + 1/N)) (Bonferroni over its bins). A feature is significant when either test is, each at
+alpha / (2 features) (Bonferroni: a false alarm on at most a share alpha of in-distribution
+windows, whatever their size; the service divides alpha further over the windows it looks at and
+the looks it takes: service/monitor.py). The effect sizes are the ones people read: the
+population stability index over the same bins, the mean shift in training standard deviations
+(numeric) and the largest change of a test bin's share (categorical). A feature is
     retrain   significant, and PSI >= psi_retrain or |mean shift| >= shift_retrain
-    warn      significant, and PSI >= psi_warn or |mean shift| >= shift_warn
+              or |share change| >= share_retrain
+    warn      significant, and PSI >= psi_warn or |mean shift| >= shift_warn or |share change| >= share_warn
     ok        otherwise: a change too small to matter is not flagged, however significant
 and "not_enough_data" below `min_rows` live rows. benchmarks/drift_calibration.py measures the
-false-alarm rate and the power.
+false-alarm rate, the power and the detection delay.
 """
 from __future__ import annotations
 
@@ -39,11 +45,13 @@ MIN_EXPECTED = 10  # rows a test bin expects at the smallest window: the chi-squ
 @dataclass(frozen=True)
 class Settings:
     alpha: float = 0.01         # overall false-alarm rate on in-distribution windows
-    min_rows: int = 500         # fewer live rows give "not_enough_data"
+    min_rows: int = 200         # fewer live rows give "not_enough_data"
     psi_warn: float = 0.1       # the usual PSI reading: < 0.1 stable, 0.1-0.25 moderate, > 0.25 large
     psi_retrain: float = 0.25
     shift_warn: float = 0.25    # mean shift, in training standard deviations
     shift_retrain: float = 0.5
+    share_warn: float = 0.05    # a category's (test bin's) share moved by this much: 30% -> 35%
+    share_retrain: float = 0.15
 
     def thresholds(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if k not in ("alpha", "min_rows")}
@@ -128,7 +136,7 @@ def pool(shares: np.ndarray, min_share: float, order: np.ndarray) -> np.ndarray:
 
 @dataclass
 class FeatureTest:
-    """One feature's bins in the Layout's counts vector, its test bins and its critical value."""
+    """One feature's bins in the Layout's counts vector, its test bins and its critical values."""
     name: str
     kind: str
     slots: np.ndarray       # where the profile bins' counts sit (numeric: the bins, then missing)
@@ -137,6 +145,7 @@ class FeatureTest:
     labels: list[str]       # a readable name per test bin
     critical: float         # chi2 at which the feature is significant (inf: nothing to test)
     profile_shares: np.ndarray  # the training share of each profile bin (for drawing)
+    critical_z: float = math.inf  # |z| at which its mean (numeric) or one bin's share is significant
 
     def bin_counts(self, counts: np.ndarray) -> np.ndarray:
         return np.bincount(self.group, counts[self.slots], minlength=len(self.shares))
@@ -157,9 +166,16 @@ def profile_bins(feature: dict, offset: int) -> tuple[np.ndarray, np.ndarray, li
     return slots, shares, names
 
 
-def plan(layout: Layout, settings: Settings) -> list[FeatureTest]:
+def z_critical(alpha: float) -> float:
+    """The |z| of a two-sided normal test at alpha (the chi-squared law with one degree of freedom)."""
+    return math.sqrt(chi2_isf(alpha, 1))
+
+
+def plan(layout: Layout, settings: Settings, alpha: float | None = None) -> list[FeatureTest]:
+    """Each feature's tests. `alpha`: the false-alarm rate of one comparison of all features
+    (default settings.alpha); Bonferroni over the features and their two tests."""
     min_share = MIN_EXPECTED / settings.min_rows
-    alpha = settings.alpha / max(1, len(layout.features))  # Bonferroni over the features
+    per_test = (settings.alpha if alpha is None else alpha) / max(1, 2 * len(layout.features))
     tests = []
     for f, offset in zip(layout.features, layout.offsets):
         slots, shares, names = profile_bins(f, offset)
@@ -168,9 +184,11 @@ def plan(layout: Layout, settings: Settings) -> list[FeatureTest]:
         members = [[names[i] for i in np.flatnonzero(group == g)] for g in range(group.max() + 1)]
         labels = [m[0] if len(m) == 1 else f"{m[0]} + {len(m) - 1} more" for m in members]
         df = len(members) - 1
+        bins = 1 if f["kind"] == "numeric" else len(members)  # the mean, or each bin's share
         tests.append(FeatureTest(f["name"], f["kind"], slots, group,
                                  np.bincount(group, shares), labels,
-                                 chi2_isf(alpha, df) if df >= 1 else math.inf, shares))
+                                 chi2_isf(per_test, df) if df >= 1 else math.inf, shares,
+                                 z_critical(per_test / bins) if df >= 1 else math.inf))
     return tests
 
 
@@ -197,11 +215,13 @@ def worst(verdicts) -> str:
 
 
 class Comparison:
-    """Live counts of a Layout against its training profile, with verdicts."""
+    """Live counts of a Layout against its training profile, with verdicts. `alpha`: the
+    false-alarm rate of one comparison (default settings.alpha)."""
 
-    def __init__(self, layout: Layout, settings: Settings, reference_rows: int | None):
+    def __init__(self, layout: Layout, settings: Settings, reference_rows: int | None,
+                 alpha: float | None = None):
         self.layout, self.settings = layout, settings
-        self.tests = plan(layout, settings)
+        self.tests = plan(layout, settings, alpha)
         # Profiles written before the row count was recorded: the training shares taken as exact.
         self.reference_rows = float(reference_rows or 1e12)
 
@@ -214,15 +234,33 @@ class Comparison:
                 "live_mean": feature["mean"] + deviation,
                 "live_std": math.sqrt(max(squares / seen - deviation ** 2, 0.0))}
 
+    def z(self, test: FeatureTest, f: dict, offset: int, counts: np.ndarray, live: np.ndarray) -> float:
+        """The feature's second test statistic (module docstring): its mean's z (numeric), or the
+        largest |z| of a test bin's share (categorical)."""
+        n, N = live.sum(), self.reference_rows
+        if not n:
+            return 0.0
+        if f["kind"] == "numeric":
+            seen, above, below = map(float, counts[offset:offset + 3])
+            if not seen or not f["std"]:
+                return 0.0
+            return abs((above - below) / seen) / (f["std"] * math.sqrt(1 / seen + 1 / N))
+        r = test.shares
+        spread = np.sqrt(np.maximum(r * (1 - r), 1e-12) * (1 / n + 1 / N))
+        return float(np.max(np.abs(live / n - r) / spread))
+
     def feature(self, test: FeatureTest, f: dict, offset: int, counts: np.ndarray, rows: int) -> dict:
         s = self.settings
         live = test.bin_counts(counts)
         n = live.sum()
         distance = psi(test.shares, live / n) if n else None
         statistic = chi2_statistic(live, test.shares, self.reference_rows)
+        z = self.z(test, f, offset, counts, live)
         df = len(test.shares) - 1
+        share_change = float(np.max(np.abs(live / n - test.shares))) if n and f["kind"] == "categorical" else None
         entry = {"name": f["name"], "kind": f["kind"], "psi": distance, "mean_shift": None,
-                 "statistic": statistic, "df": df, "critical": test.critical,
+                 "share_change": share_change, "statistic": statistic, "df": df,
+                 "critical": test.critical, "z": z, "critical_z": test.critical_z,
                  "p_value": chi2_sf(statistic, df) if df >= 1 else 1.0}
         if f["kind"] == "numeric":
             entry.update(self.mean_shift(f, counts, offset), train_mean=f["mean"], train_std=f["std"],
@@ -230,13 +268,13 @@ class Comparison:
         else:
             entry.update(categories=f["categories"],
                          unseen=float(counts[offset + 1 + len(f["freqs"])] / rows) if rows else None)
-        shift = abs(entry["mean_shift"] or 0.0)
-        significant = rows > 0 and statistic >= test.critical
+        shift, moved = abs(entry["mean_shift"] or 0.0), share_change or 0.0
+        significant = rows > 0 and (statistic >= test.critical or z >= test.critical_z)
         if rows < s.min_rows:
             verdict = "not_enough_data"
-        elif significant and (distance >= s.psi_retrain or shift >= s.shift_retrain):
+        elif significant and (distance >= s.psi_retrain or shift >= s.shift_retrain or moved >= s.share_retrain):
             verdict = "retrain"
-        elif significant and (distance >= s.psi_warn or shift >= s.shift_warn):
+        elif significant and (distance >= s.psi_warn or shift >= s.shift_warn or moved >= s.share_warn):
             verdict = "warn"
         else:
             verdict = "ok"
