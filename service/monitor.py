@@ -61,7 +61,7 @@ GAUGE_SECONDS = 5.0  # Prometheus scrapes every 15 s or so; GET /drift always br
 # requests would cost ~20-40% of their throughput; one in 8 keeps enough rows in the shortest
 # windows (125 of a 1,000-row request) for the tests.
 SAMPLE_ABOVE = int(os.environ.get("DRIFT_SAMPLE_ABOVE", "64"))
-SAMPLE_STRIDE = 8
+SAMPLE_STRIDE = 4
 WINDOWS = ("recent", "since_start")
 
 
