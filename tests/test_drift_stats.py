@@ -151,3 +151,21 @@ def test_huge_values_keep_finite_moments():
     layout = drift.Layout(drift.profile(np.zeros((100, 1)) + np.arange(100)[:, None], "table", ["x"], None))
     counts = layout.count(np.full((3, 1), 3e38, np.float32))
     assert np.isfinite(counts).all()
+
+
+def test_a_shift_after_long_calm_traffic_is_seen_within_its_delay(tmp_path, monkeypatch):
+    """Calm traffic of mixed request sizes (1 to 1,000 rows), then a persistent change: the
+    windows of answered rows see it within the goals of benchmarks/drift_calibration.py (a 0.5 sd
+    shift at warn and a 1 sd one at retrain within 2,000 answered rows, a category from 30% to 40%
+    at warn within 5,000), whatever came before; calm stretches stay unflagged."""
+    monkeypatch.setenv("DRIFT_DIR", str(tmp_path))
+    from benchmarks import drift_calibration as cal
+    rng = np.random.default_rng(12)
+    meta = cal.profile_meta(rng)
+    for history in (6000, 30000):
+        assert not any(cal.replay_calm(Monitor(meta), rng, history)[:5])
+        for name, limit in (("mean +0.5 sd", ("warn", 2000)), ("mean +1 sd", ("retrain", 2000)),
+                            ("category 30% -> 40%", ("warn", 5000))):
+            delays = cal.replay_shift(Monitor(meta), rng, history, cal.SCENARIOS[name][0])
+            level, rows = limit
+            assert delays[level] <= rows, (name, history, delays)
