@@ -126,7 +126,7 @@ def test_bulk_requests_are_sampled_and_rest_on_the_rows_counted(server, model):
     in-distribution bulk traffic stays ok, a shift in it is seen, and the answered rows are told."""
     send(server, make_frame(n=8000, seed=14)[FEATURES].to_numpy().tolist(), per_request=1000)
     body = report(server, counted(8000, 1000))
-    assert body["answered_rows"] == 8000 and body["since_start"]["rows"] == 8 * 125  # every 8th row
+    assert body["answered_rows"] == 8000 and body["since_start"]["rows"] == 8 * 250  # every 4th row
     assert body["since_start"]["verdict"] == "ok"
     shifted = make_frame(n=8000, seed=15)
     shifted["income"] += 2 * model.card["drift"]["features"][0]["std"]

@@ -88,7 +88,7 @@ def test_a_half_sd_mean_shift_and_a_moved_category_are_flagged_in_2000_rows():
 
 
 def test_the_verdict_rests_on_the_rows_counted_whatever_the_request_size(tmp_path, monkeypatch):
-    """In-distribution traffic in requests of 1,000 rows: a sample of each is counted (every 8th
+    """In-distribution traffic in requests of 1,000 rows: a sample of each is counted (every 4th
     row), each counted row the evidence of one row, the windows measured in rows answered, and the
     verdict stays ok."""
     monkeypatch.setenv("DRIFT_DIR", str(tmp_path))
@@ -102,11 +102,11 @@ def test_the_verdict_rests_on_the_rows_counted_whatever_the_request_size(tmp_pat
         report = monitor.report()
         orjson.dumps(report)  # as GET /drift sends it: plain numbers, no numpy scalars
         assert report["answered_rows"] == 40_000
-        assert report["since_start"]["rows"] == 40 * len(range(0, 1000, sample_step(1000))) == 40 * 125
+        assert report["since_start"]["rows"] == 40 * len(range(0, 1000, sample_step(1000))) == 40 * 250
         assert {report["since_start"]["verdict"], report["recent"]["verdict"]} == expected
-        for w in report["windows"]:  # the newest buckets of about 125 answered rows each
-            assert w["window_rows"] <= w["answered_rows"] < w["window_rows"] + 125 + 8
-            assert w["rows"] == pytest.approx(w["answered_rows"] / 8, abs=2)
+        for w in report["windows"]:  # the newest buckets: whole 1,000-row requests
+            assert w["window_rows"] <= w["answered_rows"] < w["window_rows"] + 1000
+            assert w["rows"] == pytest.approx(w["answered_rows"] / 4, abs=2)
         for path in tmp_path.iterdir():  # the next monitor starts from zero
             path.unlink()
 

@@ -121,26 +121,27 @@ class Layout:
         out[:, 0] = sizes
         if numeric is not None and numeric.size:
             X = np.asarray(numeric, dtype=np.float32)
-            bounds = list(zip(starts, np.append(starts[1:], rows)))
             gaps = np.isnan(X)
-            missing = np.array([np.count_nonzero(gaps[a:b], axis=0) for a, b in bounds], dtype=float)
+
+            def per_group(values, dtype=np.float64):  # one pass, whatever the number of groups
+                if values.dtype == bool:  # counts: summed as bytes, a third faster than as bools
+                    values, dtype = values.view(np.uint8), np.int32
+                return np.add.reduceat(values, starts, axis=0, dtype=dtype)
+            missing = per_group(gaps).astype(float)
             # above[j]: per group and feature, the values above edge j - 1 (above[0]: all present
             # values, the last: none); the values in bin b are above[b] - above[b + 1].
             above = np.zeros((len(self.edges) + 2, len(starts), X.shape[1]))
             above[0] = sizes[:, None] - missing
             for j, edge in enumerate(self.edges, start=1):
                 np.greater(X, edge, out=gaps)  # NaN is above no edge
-                above[j] = [np.count_nonzero(gaps[a:b], axis=0) for a, b in bounds]
+                above[j] = per_group(gaps)
             in_bin = above[:-1] - above[1:]
             out[:, self.bin_slot] += in_bin[self.bin_b, :, self.bin_col].T
             deviation = X - self.means  # float32, the batch's size
             if missing.any():
                 np.nan_to_num(deviation, copy=False)  # a missing value deviates by 0
-            def sums(values):
-                return np.array([values[a:b].sum(axis=0, dtype=np.float64) for a, b in bounds])
-            total, up = sums(deviation), sums(np.maximum(deviation, 0))
-            squares = np.array([np.einsum("ij,ij->j", deviation[a:b], deviation[a:b], dtype=np.float64)
-                                for a, b in bounds])  # in float64: a float32 square overflows past 1.8e19
+            total, up = per_group(deviation), per_group(np.maximum(deviation, 0))
+            squares = per_group(np.square(deviation, dtype=np.float64))  # a float32 square overflows past 1.8e19
             # Per feature: values seen, deviations above and below the training mean, squared
             # deviations, missing values.
             out[:, self.moments] += np.concatenate([above[0], up, up - total, squares, missing], axis=1)
