@@ -226,7 +226,7 @@ def parse_records(instances, columns: list[dict], max_rows: int,
     graph cannot hold (beyond float32; NaN or an infinity from a lenient JSON writer), is a gap,
     imputed in the graph, as training read such values. A column of numbers with text in it
     (`"text": "missing"`) also takes text, read as training read it. A categorical column takes
-    text or null (null -> "", the missing category)."""
+    text, a number (5, 5.0 and "5" are one category) or null (null -> "", the missing category)."""
     _check_list(instances, max_rows, "row")
     names = [c["name"] for c in columns]
     rows = [_row_values(i, row, names, ignored) for i, row in enumerate(instances)]
@@ -243,8 +243,8 @@ def parse_records(instances, columns: list[dict], max_rows: int,
             feeds[column_input(column)] = finite_float32(numbers).astype(np.float32).reshape(-1, 1)
         else:
             for i, v in enumerate(values):
-                if v is not None and type(v) not in (str, int, bool):
-                    raise BadRequest(f"row {i}, column {column['name']!r}: expected text or null, "
+                if v is not None and type(v) not in (str, int, float, bool):
+                    raise BadRequest(f"row {i}, column {column['name']!r}: expected text, a number or null, "
                                      f"got {_describe(v)}")
             feeds[column_input(column)] = np.array([category_text(v) for v in values],
                                                    dtype=object).reshape(-1, 1)

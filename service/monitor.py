@@ -121,16 +121,12 @@ def verdict_code(verdict: str) -> int:
     return VERDICTS.index(verdict) if verdict in VERDICTS else -1
 
 
-class Monitor:
-    def __init__(self, meta: dict, windows: tuple[int, ...] = WINDOW_ROWS, settings: Settings = SETTINGS):
+class Profiled:
+    """A model's graph inputs as its drift profile counts them (also the batch job's: service/batch.py)."""
+
+    def __init__(self, meta: dict):
         profile = meta["drift"]
-        self.layout, self.windows = Layout(profile), tuple(sorted(windows))
-        # Since start (and, for Prometheus, the fleet's hour): one look at settings.alpha.
-        self.comparison = Comparison(self.layout, settings, profile.get("rows"))
-        self.window_tests = {w: Comparison(self.layout, settings, profile.get("rows"),
-                                           alpha=window_alpha(settings.alpha, w, self.windows))
-                             for w in self.windows}
-        self.modality, self.input, self.model = meta["modality"], meta["input"], meta["model"]
+        self.modality, self.input = meta["modality"], meta["input"]
         profiled = {f["name"] for f in profile["features"]}
         names = ([c["name"] for c in meta["columns"]] if meta.get("columns")
                  else meta["feature_names"] if self.modality == "table" else sorted(profiled))
@@ -140,6 +136,33 @@ class Monitor:
         self.picked = None if picked == list(range(len(names))) else picked
         self.plain = self.modality == "table" and self.picked is None
         self.columns = [c for c in meta.get("columns") or () if c["name"] in profiled]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, dict[int, list]]:
+        """Inputs as the layout counts them: numbers [rows, numeric features] and each
+        categorical feature's values."""
+        if self.modality == "image":
+            return image_features(feeds[self.input]), {}
+        if self.modality == "table":
+            X = feeds[self.input]
+            return (X if self.picked is None else X[:, self.picked]), {}
+        numeric = [feeds[column_input(c)][:, 0] for c in self.columns if c["type"] == "numeric"]
+        return (np.stack(numeric, axis=1) if numeric else None,
+                {i: feeds[column_input(c)][:, 0].tolist() for i, c in enumerate(self.columns)
+                 if c["type"] == "categorical"})
+
+
+class Monitor:
+    def __init__(self, meta: dict, windows: tuple[int, ...] = WINDOW_ROWS, settings: Settings = SETTINGS):
+        profile = meta["drift"]
+        self.layout, self.windows = Layout(profile), tuple(sorted(windows))
+        # Since start (and, for Prometheus, the fleet's hour): one look at settings.alpha.
+        self.comparison = Comparison(self.layout, settings, profile.get("rows"))
+        self.window_tests = {w: Comparison(self.layout, settings, profile.get("rows"),
+                                           alpha=window_alpha(settings.alpha, w, self.windows))
+                             for w in self.windows}
+        self.input, self.model = meta["input"], meta["model"]
+        self.features = Profiled(meta)
+        self.not_monitored, self.plain = self.features.not_monitored, self.features.plain
         key = hashlib.sha256(json.dumps([meta["model"], profile]).encode()).hexdigest()[:12]
         # BentoML empties its Prometheus folder when `bentoml serve` starts: counts start at zero.
         root = os.environ.get("DRIFT_DIR") or os.path.join(
@@ -171,19 +194,6 @@ class Monitor:
         self.exported = np.zeros(self.layout.size)  # this worker's counts already in the counters
         self.export_reference()
 
-    def _features(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray | None, dict[int, list]]:
-        """A request's inputs as the layout counts them: numbers [rows, numeric features] and
-        each categorical feature's values."""
-        if self.modality == "image":
-            return image_features(feeds[self.input]), {}
-        if self.modality == "table":
-            X = feeds[self.input]
-            return (X if self.picked is None else X[:, self.picked]), {}
-        numeric = [feeds[column_input(c)][:, 0] for c in self.columns if c["type"] == "numeric"]
-        return (np.stack(numeric, axis=1) if numeric else None,
-                {i: feeds[column_input(c)][:, 0].tolist() for i, c in enumerate(self.columns)
-                 if c["type"] == "categorical"})
-
     def observe(self, feeds: dict[str, np.ndarray]) -> None:
         """Stage the checked inputs of an answered request; they are counted within FLUSH_SECONDS."""
         self.stage(feeds)
@@ -199,7 +209,7 @@ class Monitor:
         if self.plain:  # a table's rows, every column profiled: the common case, kept short
             numeric, texts = feeds[self.input], ()
         else:
-            numeric, texts = self._features(feeds)
+            numeric, texts = self.features(feeds)
             texts = texts.items()
         rows = len(numeric) if numeric is not None else len(next(iter(texts))[1])
         self.answered += rows

@@ -99,3 +99,66 @@ def assemble(parts: list, n: int) -> list[np.ndarray]:
                   for p in parts]
         out.append(np.concatenate(blocks))
     return out
+
+
+# ---- a table's columns as the graph's inputs, each row passed or marked (the batch job) -----------
+
+def check_frame(scorer, frame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A batch of a table file's rows (the model's columns, numbers written as text already read as
+    numbers) as the graph's inputs for the rows /predict would take, and for each row that it
+    would refuse, /predict's own message for it (None: taken). The rules are decided column by
+    column, vectorized; a row they refuse is sent through the service's check as a JSON record,
+    which words the reason (tests/test_batch.py holds the two to agree on every row)."""
+    from training.columns import text_numbers, texts
+    from training.contract import FLOAT32_MAX, column_input, finite_float32
+    from training.rules import is_number_column
+    columns = scorer.columns or [{"name": n, "type": "numeric", "strict": True} for n in scorer.feature_names]
+    bad, values = np.zeros(len(frame), bool), {}
+    for c in columns:
+        name, raw = c["name"], frame[c["name"]]
+        if c["type"] != "numeric":  # any single value (text, a number, ...) or a gap; not a list
+            if raw.dtype == object:
+                nested = raw.map(lambda v: isinstance(v, NOT_A_CATEGORY)).to_numpy(bool)
+                raw, bad = raw.where(~nested, None), bad | nested
+            values[name] = texts(raw)
+            continue
+        if is_number_column(raw):
+            x = raw.to_numpy(np.float64, na_value=np.nan)
+        else:  # what is not a number is text, taken as a gap by a column of numbers with text
+            allowed = NUMBER_CELLS | {str} if c.get("text") == "missing" else NUMBER_CELLS
+            fine = raw.map(type).isin(allowed).to_numpy()
+            bad |= ~fine & raw.notna().to_numpy()
+            x = text_numbers(raw.where(fine, None), c.get("decimal", "."))
+        if not scorer.columns:  # a table model: a finite float32 number in every column
+            with np.errstate(invalid="ignore"):
+                bad |= ~(np.abs(x) <= FLOAT32_MAX)
+        values[name] = finite_float32(x)
+    ok = ~bad
+    if scorer.columns:
+        feeds = {column_input(c): (values[c["name"]][ok].astype(np.float32) if c["type"] == "numeric"
+                                   else values[c["name"]][ok]).reshape(-1, 1) for c in columns}
+    else:
+        feeds = {scorer.input: np.column_stack([values[n][ok] for n in scorer.feature_names]).astype(np.float32)}
+    reasons = np.full(len(frame), None, dtype=object)
+    names = [c["name"] for c in columns]
+    for i in np.flatnonzero(bad):
+        reasons[i] = refusal(scorer, {k: cell(frame[k].iat[i]) for k in names})
+    return feeds, reasons
+
+
+NUMBER_CELLS = frozenset({int, float, np.int64, np.float64, np.float32, np.int32})
+NOT_A_CATEGORY = (list, tuple, dict, set, np.ndarray, bytes)
+
+
+def cell(v):
+    """A file's cell as a JSON client sends it, infinities kept (so the service names them)."""
+    return float(v) if isinstance(v, float) and math.isinf(v) else json_value(v)
+
+
+def refusal(scorer, record: dict) -> str:
+    """Why /predict refuses a row, in its own words."""
+    try:
+        scorer.check([record])
+    except BadRequest as e:
+        return str(e).removeprefix("row 0, ").removeprefix("row 0: ")
+    return "the service takes this row, the batch checks did not (please report it)"

@@ -145,7 +145,7 @@ def test_served_records_with_nulls_and_unseen_categories(mixed_server, mixed_mod
 @pytest.mark.parametrize("change, message", [
     ({"bill": "long"}, "row 0, column 'bill': expected a number or null, got string 'long'"),
     ({"bill": True}, "row 0, column 'bill': expected a number or null, got boolean true"),
-    ({"island": [1]}, "row 0, column 'island': expected text or null, got a list"),
+    ({"island": [1]}, "row 0, column 'island': expected text, a number or null, got a list"),
     ({"beak": 3}, "row 0: unknown feature(s): beak"),
 ])
 def test_records_that_cannot_be_mapped_get_4xx(mixed_server, mixed_model, change, message):

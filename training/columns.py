@@ -106,9 +106,16 @@ def is_date_column(values: pd.Series) -> bool:
 
 
 def _each_distinct(values: pd.Series, convert) -> pd.Series:
-    """`convert` applied once per distinct value (missing ones as None), mapped onto the rows."""
-    values = values.astype(object).where(values.notna(), None)
-    return values.map({v: convert(v) for v in pd.unique(values.to_numpy())})
+    """`convert` applied once per distinct value (missing ones as None), mapped onto the rows.
+    Booleans are told apart from the numbers they equal (True == 1 to a hash table)."""
+    out = np.empty(len(values), dtype=object)
+    flags = values.map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(bool) if values.dtype == object \
+        else np.zeros(len(values), bool)
+    for part in (flags, ~flags):
+        if part.any():
+            codes, uniques = pd.factorize(values[part].astype(object))  # a missing value: -1
+            out[part] = np.array([*map(convert, uniques), convert(None)], dtype=object)[codes]
+    return pd.Series(out, index=values.index)
 
 
 def text_numbers(values: pd.Series, decimal: str = ".") -> np.ndarray:
