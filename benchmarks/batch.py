@@ -98,13 +98,14 @@ def batch_job(tag: str, path: Path, out: Path, env: dict, engine: str, master: s
     command = [sys.executable, "-m", "service.batch", "--model", tag, "--input", str(path), "--output", str(out),
                "--keep", "id" if "numeric" in tag else "customer_id", "--engine", engine, "--master", master,
                "--overwrite", "--no-progress"]
+    log = out.with_name("job.log")
     started = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    with open(log, "w") as f:  # a file, not a pipe: nothing blocks on a full pipe while we wait
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{engine} failed on {path.name}:\n{stdout}\n{stderr[-3000:]}")
+        raise SystemExit(f"{engine} failed on {path.name}:\n{log.read_text()[-3000:]}")
     report = json.loads(out.with_name(out.name + ".drift.json").read_text())
     return {"rows": report["rows_out"], "errors": report["errors"], "seconds": report["seconds"],
             "startup_s": report.get("startup_seconds", 0.0), "wall_s": round(wall, 2),
