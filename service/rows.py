@@ -133,12 +133,17 @@ def check_frame(scorer, frame) -> tuple[dict[str, np.ndarray], np.ndarray]:
             with np.errstate(invalid="ignore"):
                 bad |= ~(np.abs(x) <= FLOAT32_MAX)
         values[name] = finite_float32(x)
-    ok = ~bad
+    ok = None if not bad.any() else ~bad  # the rows taken (None: all)
     if scorer.columns:
-        feeds = {column_input(c): (values[c["name"]][ok].astype(np.float32) if c["type"] == "numeric"
-                                   else values[c["name"]][ok]).reshape(-1, 1) for c in columns}
+        feeds = {column_input(c): (values[c["name"]].astype(np.float32) if c["type"] == "numeric"
+                                   else values[c["name"]]).reshape(-1, 1) for c in columns}
     else:
-        feeds = {scorer.input: np.column_stack([values[n][ok] for n in scorer.feature_names]).astype(np.float32)}
+        X = np.empty((len(frame), len(scorer.feature_names)), np.float32)
+        for j, n in enumerate(scorer.feature_names):
+            X[:, j] = values[n]
+        feeds = {scorer.input: X}
+    if ok is not None:
+        feeds = {k: v[ok] for k, v in feeds.items()}
     reasons = np.full(len(frame), None, dtype=object)
     names = [c["name"] for c in columns]
     for i in np.flatnonzero(bad):

@@ -212,7 +212,7 @@ def test_a_file_that_has_moved_is_flagged_with_the_features_that_moved(models, c
     report = json.loads((models["dir"] / "out-moved-local-parquet.parquet.drift.json").read_text())
     assert report["drift"]["verdict"] == "retrain" and report["drift"]["rows"] == 300
     flagged = {f["name"] for f in report["drift"]["features"] if f["verdict"] != "ok"}
-    assert flagged == {"income"} and "drift      retrain over 300 scored rows (moved: income)" in capsys.readouterr().out
+    assert flagged == {"income"} and "drift      retrain over 300 rows counted (one in 4 of a large batch) (moved: income)" in capsys.readouterr().out
     score(models, "numeric")
     clean = json.loads((models["dir"] / "out-numeric-local-parquet.parquet.drift.json").read_text())
     assert clean["drift"]["verdict"] == "ok"

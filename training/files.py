@@ -162,7 +162,7 @@ def arrow_to_pandas(data) -> pd.DataFrame:
     for i, f in enumerate(table.schema):
         if pa.types.is_decimal(f.type):
             table = table.set_column(i, f.name, table.column(i).cast(pa.float64()))
-    return table.to_pandas()
+    return table.to_pandas(split_blocks=True)  # a block per column: no copy into one 2-D block
 
 
 def read_file(path: str) -> tuple[TableFile, pd.DataFrame]:
