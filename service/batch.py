@@ -314,7 +314,8 @@ def run_local(scorer, source: str, output: Path, keep: list[str], chunk_rows: in
                 if writer is None:
                     kept = pa.schema([batch.schema.field(k) for k in keep])
                     schema = output_schema(scorer, kept)
-                    writer = pq.ParquetWriter(tmp, schema)
+                    # dictionary pages for the job's own few-valued columns, not for the kept ids
+                    writer = pq.ParquetWriter(tmp, schema, use_dictionary=["prediction", "model", "error"])
                 pending.append(pool.submit(score_batch, scorer, batch, read, schema, profiled))
                 if len(pending) > workers:
                     write_oldest()

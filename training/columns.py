@@ -112,8 +112,9 @@ def _each_distinct(values: pd.Series, convert) -> pd.Series:
     flags = values.map(lambda v: isinstance(v, (bool, np.bool_))).to_numpy(bool) if values.dtype == object \
         else np.zeros(len(values), bool)
     for part in (flags, ~flags):
-        if part.any():
-            codes, uniques = pd.factorize(values[part].astype(object))  # a missing value: -1
+        if part.any():  # (a string column is factorized as it is: Arrow's, much faster than objects)
+            chosen = values if part.all() and values.dtype != object else values[part].astype(object)
+            codes, uniques = pd.factorize(chosen)  # a missing value: -1
             out[part] = np.array([*map(convert, uniques), convert(None)], dtype=object)[codes]
     return pd.Series(out, index=values.index)
 

@@ -67,6 +67,10 @@ class Config:
                                    "(median and IQR, outliers smoothly clipped) or none; auto is "
                                    "quantile for tables and standard (per channel) for images",
                            choices=tuple(NORMALIZERS))
+    embedding: str = _opt("none", "tables: each normalized numeric feature encoded before the network: "
+                                  "ple (piecewise-linear over --embedding-bins training-quantile bins) "
+                                  "or none", choices=("none", "ple"))
+    embedding_bins: int = _opt(16, "--embedding ple: bins per feature (fewer where values tie)")
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
     hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables); empty: a linear "
                                         "model on the normalized inputs")
@@ -125,6 +129,10 @@ class Config:
         if self.is_images and NORMALIZERS[self.normalizer][1] is None:
             raise ConfigError(f"--normalizer {self.normalizer} is for tables; images take "
                               + ", ".join(m for m, (_, image) in NORMALIZERS.items() if image))
+        if self.is_images and self.embedding != "none":
+            raise ConfigError("--embedding is for tables")
+        if not 2 <= self.embedding_bins <= 256:
+            raise ConfigError("--embedding-bins must be between 2 and 256")
         if self.stream and not self.data:
             raise ConfigError("--stream reads a --data CSV or Parquet file")
         if self.stream and (self.categorical or self.numeric):
@@ -194,7 +202,8 @@ class Config:
 
 # Fields that define what is trained: a checkpoint made under other values cannot be resumed.
 RUN_DEFINING = ("dataset", "data", "target", "features", "categorical", "numeric", "drop", "images",
-                "image_size", "task", "val_size", "test_size", "seed", "normalizer", "batchnorm",
+                "image_size", "task", "val_size", "test_size", "seed", "normalizer", "embedding",
+                "embedding_bins", "batchnorm",
                 "hidden", "linear_skip", "channels", "augment", "dropout", "optimizer", "lr",
                 "momentum", "weight_decay", "scheduler", "epochs", "batch_size", "stop_on",
                 "label_smoothing", "ensemble", "refit", "folds", "fold_repeats", "linear_candidate",

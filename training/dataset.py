@@ -56,7 +56,8 @@ def prepare(cfg, world: World, table: Table | None = None) -> Data:
     split = split_table(table, cfg.val_size, cfg.test_share(folds), cfg.seed)
     # With --folds the networks train on the validation rows too (all folds but one each).
     fitted_on = pooled(split) if folds > 1 else split
-    normalizer = world.share(lambda: make_normalizer(cfg.normalizer, table.modality, table.columns)
+    normalizer = world.share(lambda: make_normalizer(cfg.normalizer, table.modality, table.columns,
+                                                             cfg.embedding, cfg.embedding_bins)
                              .fit(fitted_on.X_train))
     rows = {name: len(getattr(split, f"y_{key}")) for name, key in SPLITS.items()}
     y_scaling = StandardScaling().fit(fitted_on.y_train[:, None]) if table.task == "regression" else None
@@ -74,7 +75,8 @@ def pooled(split: Split) -> Split:
 
 
 def _streamed(cfg, world: World) -> Data:
-    s = world.share(lambda: stream.scan(cfg, lambda: make_normalizer(cfg.normalizer, "table"), world.size),
+    s = world.share(lambda: stream.scan(cfg, lambda: make_normalizer(cfg.normalizer, "table", embedding=cfg.embedding,
+                                                                     bins=cfg.embedding_bins), world.size),
                     public=lambda s: dataclasses.replace(s, split=None))
     n = len(s.features)
     table = Table(X=np.empty((0, n)), y=np.empty(0), feature_names=s.features, task=s.task,

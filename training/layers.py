@@ -81,3 +81,32 @@ class PiecewiseLinear(nn.Module):
         segment = count.long() + self.offset
         start, width, y0, dy = self.segments[segment].unbind(-1)  # [rows, features] each
         return y0 + torch.clamp((x - start) / width, 0.0, 1.0) * dy
+
+
+class PiecewiseEncoding(nn.Module):
+    """Each of the first `len(edges)` columns as T numbers, its piecewise-linear encoding (PLE;
+    Gorishniy, Rubachev, Babenko, NeurIPS 2022) over bins [e_t, e_t+1) fitted on training values:
+    1 for a bin below the value, 0 for one above it, the fraction of the bin for the value's own,
+    the first bin extended below and the last above (linear there). Other columns (a mixed
+    table's one-hot ones) pass through after them. Fixed buffers: plain graph arithmetic."""
+
+    def __init__(self, edges: list[np.ndarray]):
+        super().__init__()
+        bins = max(max(len(e) - 1 for e in edges), 1)
+        left, width = np.zeros((len(edges), bins)), np.ones((len(edges), bins))
+        low, high = np.zeros((len(edges), bins)), np.zeros((len(edges), bins))  # padded bins: always 0
+        for f, e in enumerate(edges):
+            m = max(len(e) - 1, 1)  # a constant feature: one bin, x - e_0
+            left[f, :m], low[f, :m], high[f, :m] = e[:m], 0.0, 1.0
+            if len(e) > 1:
+                width[f, :m] = np.diff(e)
+            low[f, 0], high[f, m - 1] = -np.inf, np.inf
+        for name, value in (("left", left), ("width", width), ("low", low), ("high", high)):
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
+        self.n = len(edges)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        numeric = x[:, :self.n, None] if self.n < x.shape[1] else x[:, :, None]
+        encoded = torch.minimum(torch.maximum((numeric - self.left) / self.width, self.low), self.high)
+        encoded = encoded.reshape(x.shape[0], -1)
+        return encoded if self.n == x.shape[1] else torch.cat([encoded, x[:, self.n:]], dim=1)

@@ -28,9 +28,10 @@ class TabularNet(nn.Module):
                  dropout: float = 0.0, normalize: nn.Module | None = None, linear_skip: bool = False):
         super().__init__()
         self.normalize = normalize or nn.Identity()
-        self.skip = nn.Linear(n_features, n_outputs, bias=False) if linear_skip else None
+        with torch.no_grad():  # the width the normalizer hands on (an embedding widens it)
+            width = self.normalize(torch.zeros(1, n_features)).shape[1]
+        self.skip = nn.Linear(width, n_outputs, bias=False) if linear_skip else None
         layers: list[nn.Module] = []
-        width = n_features
         for h in hidden:
             # A bias before BatchNorm is cancelled by its mean subtraction.
             layers += [nn.Linear(width, h, bias=not batchnorm)]

@@ -21,7 +21,7 @@ from torch import nn
 
 from training import encoding
 from training.contract import column_input
-from training.layers import FirstColumns, PiecewiseLinear, SmoothClip, Standardize
+from training.layers import FirstColumns, PiecewiseEncoding, PiecewiseLinear, SmoothClip, Standardize
 
 
 class Normalizer:
@@ -169,6 +169,42 @@ class QuantileNormal(Normalizer):
         return PiecewiseLinear(inner, start, width, y0, dy)
 
 
+class Embedded(Normalizer):
+    """A numeric normalizer followed by a piecewise-linear encoding of each normalized feature
+    (--embedding ple): `bins` bins per feature between its training quantiles (ties merged), so
+    the network sees where a value lies, not only how large it is (a step-like effect is one
+    weight). Fitted on the same training rows as the normalizer, after it; unsupervised, so the
+    bins use no target and the folds' cross-validation stays honest. No partial_fit: quantiles
+    need every row, so a streamed run fits it on its uniform training sample (--eval-rows)."""
+
+    def __init__(self, inner, bins: int = 16):
+        self.inner, self.bins, self.name = inner, bins, inner.name
+
+    def fit(self, X) -> Embedded:
+        import torch
+        self.inner.fit(X)
+        with torch.no_grad():
+            Z = self.inner.module()(torch.as_tensor(np.asarray(X, dtype=np.float32))).double().numpy()
+        levels = np.linspace(0, 1, self.bins + 1)
+        self.edges_ = [np.unique(np.quantile(z, levels)) for z in Z.T]
+        return self
+
+    def per_feature(self) -> list[dict]:
+        return self.inner.per_feature()
+
+    def embedding(self) -> dict:
+        return {"method": "ple", "bins": self.bins, "of": "the normalized values",
+                "edges": [e.tolist() for e in self.edges_]}
+
+    def metadata(self) -> dict:
+        meta = self.inner.metadata()
+        meta["normalization"]["embedding"] = self.embedding()
+        return meta
+
+    def module(self) -> nn.Module:
+        return nn.Sequential(self.inner.module(), PiecewiseEncoding(self.edges_))
+
+
 class ChannelStats(Normalizer):
     """Per-channel mean and standard deviation (population, ddof=0) of uint8 training images on the
     0..1 scale; a constant channel gets std 1. Applied by torchvision's Normalize."""
@@ -223,7 +259,9 @@ class MixedColumns(Normalizer):
                           f"categories with at least {encoding.MIN_CATEGORY_ROWS} rows (at most "
                           f"{encoding.MAX_CATEGORIES}), rarer or unseen ones -> all zeros; a code "
                           "column (codes: n) is numeric and also one-hot over its n codes with at "
-                          f"least {encoding.MIN_CATEGORY_ROWS} rows"}}
+                          f"least {encoding.MIN_CATEGORY_ROWS} rows",
+            **({"embedding": self.numeric.embedding()} if self.n_numeric_ and hasattr(self.numeric, "embedding")
+               else {})}}
 
     def module(self) -> nn.Module:
         return FirstColumns(self.numeric.module() if self.n_numeric_ else nn.Identity(),
@@ -245,10 +283,12 @@ NORMALIZERS = {"auto": (QuantileNormal, ChannelStats),  # the default: benchmark
                "robust": (RobustScaling, None), "quantile": (QuantileNormal, None)}
 
 
-def make_normalizer(method: str, modality: str, columns: list[dict] | None = None):
-    """An unfitted normalizer for this kind of input."""
+def make_normalizer(method: str, modality: str, columns: list[dict] | None = None, embedding: str = "none",
+                    bins: int = 16):
+    """An unfitted normalizer for this kind of input (tables: with --embedding's encoding after it)."""
     numeric, image = NORMALIZERS[method]
     if modality == "image":
         return image()
-    return MixedColumns(numeric(), columns) if modality == "mixed" else numeric()
+    numeric = Embedded(numeric(), bins) if embedding == "ple" else numeric()
+    return MixedColumns(numeric, columns) if modality == "mixed" else numeric
 

@@ -1,0 +1,121 @@
+"""--embedding ple: the piecewise-linear encoding of numeric features (training/layers.py,
+training/normalize.py Embedded), fitted on training rows only and exported inside the graph."""
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from conftest import make_frame, quick_config
+from test_mixed import penguins, stores
+from training.encoding import column_feeds
+from training.fit import run
+from training.layers import PiecewiseEncoding
+from training.normalize import Embedded, QuantileNormal, StandardScaling, make_normalizer
+
+
+def encode(module, X) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.as_tensor(np.asarray(X), dtype=torch.float32)).numpy()
+
+
+def test_a_value_is_ones_below_its_bin_its_fraction_in_it_and_zeros_above():
+    ple = PiecewiseEncoding([np.array([0.0, 1.0, 3.0, 4.0]), np.array([5.0])])  # 3 bins; a constant feature
+    got = encode(ple, [[2.0, 5.0], [-1.0, 6.0], [9.0, 5.0], [1.0, 4.0]])
+    np.testing.assert_allclose(got[0], [1, 0.5, 0, 0, 0, 0])      # 2.0: past bin 1, half through bin 2
+    np.testing.assert_allclose(got[1], [-1, 0, 0, 1, 0, 0])       # below the first edge: linear, below 0
+    np.testing.assert_allclose(got[2], [1, 1, 6, 0, 0, 0])        # above the last edge: linear, above 1
+    np.testing.assert_allclose(got[3, :3], [1, 0, 0])             # an edge belongs to the bin above
+    assert got[3, 3] == -1  # the constant feature: x - its value
+
+
+def test_the_bins_come_from_the_normalized_training_rows_only():
+    rng = np.random.default_rng(0)
+    train, other = rng.lognormal(3, 1, (500, 3)), rng.normal(1e6, 1, (500, 3))
+    fitted = Embedded(StandardScaling(), bins=8).fit(train)
+    again = Embedded(StandardScaling(), bins=8).fit(train)
+    z = (train - train.mean(0)) / train.std(0)
+    for f, edges in enumerate(fitted.edges_):
+        np.testing.assert_allclose(edges, np.quantile(z[:, f].astype(np.float32).astype(np.float64),
+                                                      np.linspace(0, 1, 9)), rtol=1e-6)
+        np.testing.assert_array_equal(edges, again.edges_[f])
+    assert encode(fitted.module(), other).shape == (500, 3 * 8)  # width: features x bins
+    # ties (a feature of a few values) merge into fewer real bins
+    few = Embedded(QuantileNormal(), bins=16).fit(np.repeat([[1.0], [2.0], [3.0]], 50, axis=0))
+    assert len(few.edges_[0]) <= 4
+
+
+@pytest.mark.parametrize("extra", [{}, {"folds": 5}, {"hidden": []}])
+def test_a_numeric_model_with_the_embedding_exports_with_parity_on_outliers(tmp_path, extra):
+    path = tmp_path / "outliers.csv"
+    frame = make_frame(n=400)
+    frame.loc[:3, "income"] = [1e9, -1e9, 4e8, 0.0]
+    frame.to_csv(path, index=False)
+    result = run(quick_config(tmp_path, data=str(path), target="label", embedding="ple", store=False, **extra))
+    card = result.card
+    assert card["parity"]["max_abs_diff"] < 1e-4
+    assert card["normalization"]["embedding"]["method"] == "ple" and card["config"]["embedding"] == "ple"
+    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
+    X = frame.drop(columns="label").to_numpy(np.float32).copy()
+    X[4] = [3e38, -3e38, 1e30, -1e30]  # far outside anything seen in training
+    with torch.no_grad():
+        expected = torch.softmax(result.trained.net.eval()(torch.from_numpy(X)), -1).numpy()
+    np.testing.assert_allclose(session.run(["probabilities"], {"features": X})[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("table, target", [(penguins, "species"), (stores, "sales")])
+def test_mixed_tables_and_code_columns_take_the_embedding_on_their_numbers(tmp_path, table, target):
+    path = tmp_path / "mixed.csv"
+    table(n=3000 if table is stores else 400).to_csv(path, index=False)
+    result = run(quick_config(tmp_path, data=str(path), target=target, embedding="ple", store=False))
+    assert result.card["parity"]["max_abs_diff"] < 1e-4
+    numeric = [c for c in result.card["columns"] if c["type"] == "numeric"]
+    assert len(result.card["normalization"]["embedding"]["edges"]) == len(numeric)
+    frame = result.data.split.X_test.head(20).copy()
+    name = numeric[0]["name"]
+    frame.loc[frame.index[0], name], frame.loc[frame.index[1], name] = np.nan, 1e12  # a gap, an outlier
+    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
+    encoded = torch.from_numpy(result.data.normalizer.encode(frame))
+    output = "probabilities" if target == "species" else "prediction"
+    with torch.no_grad():
+        raw = result.trained.net.eval()(encoded)
+        expected = (torch.softmax(raw, -1) if output == "probabilities"
+                    else raw.squeeze(-1) * result.data.y_scale + result.data.y_mean).numpy()
+    got = session.run([output], column_feeds(frame, result.data.table.columns))[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_streamed_run_fits_the_bins_on_its_training_sample(tmp_path):
+    from training import stream
+    path = tmp_path / "s.csv"
+    make_frame(n=1200, seed=2).to_csv(path, index=False)
+    cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100, embedding="ple")
+    s = stream.scan(cfg, lambda: make_normalizer("quantile", "table", embedding="ple"))
+    reference = Embedded(QuantileNormal()).fit(s.split.X_train)
+    for a, b in zip(s.normalizer.edges_, reference.edges_):
+        np.testing.assert_array_equal(a, b)
+    result = run(cfg)
+    assert result.card["parity"]["max_abs_diff"] < 1e-4 and "embedding" in result.card["normalization"]
+
+
+def test_images_refuse_the_embedding(tmp_path):
+    from training.config import ConfigError
+    with pytest.raises(ConfigError, match="--embedding is for tables"):
+        quick_config(tmp_path, dataset="digits-images", embedding="ple")
+
+
+def test_the_service_answers_a_model_with_the_embedding(tmp_path):
+    """The graph is an ordinary graph: the service's Scorer opens and answers it."""
+    from service.scoring import Scorer
+    from training.contract import decode_metadata
+    path = tmp_path / "t.csv"
+    frame = make_frame(n=300)
+    frame.to_csv(path, index=False)
+    result = run(quick_config(tmp_path, data=str(path), target="label", embedding="ple", store=False))
+    session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
+    scorer = Scorer(session, decode_metadata(session.get_modelmeta().custom_metadata_map), 1000)
+    X = frame.drop(columns="label").head(5)
+    probabilities = scorer.run(scorer.check(X.to_dict(orient="records")))[0]
+    expected = session.run(["probabilities"], {"features": X.to_numpy(np.float32)})[0]
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+    assert probabilities.shape == (5, 2)
