@@ -432,6 +432,7 @@ def spark_frame(spark, how):
 
 def run_spark(scorer, source: str, output: Path, keep: list[str], master: str, progress: bool) -> Summary:
     import pyarrow.parquet as pq
+    from pyspark.sql.functions import lit
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
     from training.files import check_file
@@ -466,12 +467,13 @@ def run_spark(scorer, source: str, output: Path, keep: list[str], master: str, p
             scored, counts = score_batch(worker, batch, read, schema, profiled)
             if counts is not None:
                 drift.add(counts)
-            yield scored
+            yield scored.drop_columns(["model"])  # a constant: added by Spark (lit), not converted per row
 
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        df.mapInArrow(score, from_arrow_schema(schema)).write.parquet(str(tmp))
+        scored = df.mapInArrow(score, from_arrow_schema(schema.remove(schema.get_field_index("model"))))
+        scored.withColumn("model", lit(scorer.tag)).select(*schema.names).write.parquet(str(tmp))
         replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
