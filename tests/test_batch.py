@@ -161,6 +161,23 @@ def test_refusals_before_work(models, capsys):
     assert not Path(out).exists()
 
 
+def test_a_job_that_fails_midway_leaves_the_existing_output_as_it_was(models, capsys):
+    """A CSV row that breaks the file's shape late: one error line, exit 2, the output that was
+    there untouched and nothing written aside left behind."""
+    rows = pd.concat([models["numeric"]["rows"]] * 400, ignore_index=True)  # 120,000 rows: several batches
+    path = models["dir"] / "ragged.csv"
+    text = rows.to_csv(index=False)
+    path.write_text(text + "1,2,3,4,5,6,7,8,9\n" + text.split("\n", 1)[1])
+    out = models["dir"] / "ragged-out.parquet"
+    out.write_bytes(b"yesterday's output")
+    code = batch.main(["--model", models["numeric"]["tag"], "--input", str(path), "--output", str(out),
+                       "--overwrite", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == batch.EXIT_FAILED and err.startswith("error: ") and "\n" not in err
+    assert out.read_bytes() == b"yesterday's output"
+    assert not list(models["dir"].glob(".ragged-out*"))
+
+
 def dirty_numeric(models) -> pd.DataFrame:
     """The numeric model's rows with five a service refuses: text, a gap, a value beyond float32,
     an infinity and a boolean-like text."""
