@@ -119,3 +119,13 @@ def test_the_service_answers_a_model_with_the_embedding(tmp_path):
     expected = session.run(["probabilities"], {"features": X.to_numpy(np.float32)})[0]
     np.testing.assert_allclose(probabilities, expected, atol=1e-6)
     assert probabilities.shape == (5, 2)
+
+
+def test_the_suites_tables_where_trees_win_load_with_their_targets():
+    """benchmarks/quality.py's TREES: real tables of 2,000+ rows, each with its target."""
+    from benchmarks.quality import TREES, load
+    from training.data import infer_task
+    for source, name, target in TREES:
+        frame = load(source, name)
+        assert len(frame) >= 2000 and target in frame, name
+        assert infer_task(frame[target].dropna()) in ("classification", "regression")
