@@ -129,3 +129,18 @@ def test_the_suites_tables_where_trees_win_load_with_their_targets():
         frame = load(source, name)
         assert len(frame) >= 2000 and target in frame, name
         assert infer_task(frame[target].dropna()) in ("classification", "regression")
+
+
+def test_two_torchrun_ranks_share_the_fitted_bins_and_write_one_model(tmp_path):
+    import json
+
+    from test_scale import torchrun
+    path = tmp_path / "t.csv"
+    make_frame(n=1500, seed=3).to_csv(path, index=False)
+    proc = torchrun("--data", str(path), "--target", "label", "--stream", "--chunk-rows", "300",
+                    "--embedding", "ple", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    models = list((tmp_path / "models").rglob("model.onnx"))
+    card = json.loads((models[0].parent / "card.json").read_text())
+    assert len(models) == 1 and card["training"]["distributed"]["world_size"] == 2
+    assert card["parity"]["max_abs_diff"] < 1e-4 and card["normalization"]["embedding"]["method"] == "ple"
