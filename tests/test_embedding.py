@@ -39,7 +39,7 @@ def test_the_bins_come_from_the_normalized_training_rows_only():
         np.testing.assert_allclose(edges, np.quantile(z[:, f].astype(np.float32).astype(np.float64),
                                                       np.linspace(0, 1, 9)), rtol=1e-6)
         np.testing.assert_array_equal(edges, again.edges_[f])
-    assert encode(fitted.module(), other).shape == (500, 3 * 8)  # width: features x bins
+    assert encode(fitted.embedding_module(), encode(fitted.module(), other)).shape == (500, 3 * 8)  # features x bins
     # ties (a feature of a few values) merge into fewer real bins
     few = Embedded(QuantileNormal(), bins=16).fit(np.repeat([[1.0], [2.0], [3.0]], 50, axis=0))
     assert len(few.edges_[0]) <= 4
@@ -55,6 +55,10 @@ def test_a_numeric_model_with_the_embedding_exports_with_parity_on_outliers(tmp_
     card = result.card
     assert card["parity"]["max_abs_diff"] < 1e-4
     assert card["normalization"]["embedding"]["method"] == "ple" and card["config"]["embedding"] == "ple"
+    from training.model import TabularNet
+    nets = [m for m in result.trained.net.modules() if isinstance(m, TabularNet)]
+    # the networks (and a linear model asked for) take the encoding; the linear candidate does not
+    assert nets and all((m.embed is not None) == (len(m.body) > 1 or not extra.get("folds")) for m in nets)
     session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
     X = frame.drop(columns="label").to_numpy(np.float32).copy()
     X[4] = [3e38, -3e38, 1e30, -1e30]  # far outside anything seen in training

@@ -169,7 +169,8 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True,
     n_out = len(data.table.classes) if task == "classification" else 1
 
     def make_net() -> nn.Module:
-        return build_network(cfg, data.table.modality, data.width, n_out, data.normalizer.module())
+        return build_network(cfg, data.table.modality, data.width, n_out, data.normalizer.module(),
+                             data.normalizer.embedding_module())
 
     torch.manual_seed(cfg.seed)
     net = make_net().to(device)

@@ -115,7 +115,7 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     if not (cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS
             and data.table.modality != "image"):
         return _bag(cfg, folds, world)[0]
-    linear, _ = _bag(dataclasses.replace(cfg, hidden=[]), folds, world)
+    linear, _ = _bag(dataclasses.replace(cfg, hidden=[], embedding="none"), folds, world)  # plain inputs
     partner = None
     if stacked.applies(folds[0], world):  # each linear model's outputs on its own fold
         partner = [engine.predict(m, engine.tensors(f, "validation", "cpu")[0]).to(world.device)

@@ -105,8 +105,8 @@ class PiecewiseEncoding(nn.Module):
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
         self.n = len(edges)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        numeric = x[:, :self.n, None] if self.n < x.shape[1] else x[:, :, None]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., columns] (stacked members: [k, rows, columns])
+        numeric = x[..., :self.n, None] if self.n < x.shape[-1] else x[..., None]
         encoded = torch.minimum(torch.maximum((numeric - self.left) / self.width, self.low), self.high)
-        encoded = encoded.reshape(x.shape[0], -1)
-        return encoded if self.n == x.shape[1] else torch.cat([encoded, x[:, self.n:]], dim=1)
+        encoded = encoded.flatten(-2)
+        return encoded if self.n == x.shape[-1] else torch.cat([encoded, x[..., self.n:]], dim=-1)

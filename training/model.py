@@ -25,11 +25,13 @@ class TabularNet(nn.Module):
     """
 
     def __init__(self, n_features: int, n_outputs: int, hidden: list[int], batchnorm: bool = True,
-                 dropout: float = 0.0, normalize: nn.Module | None = None, linear_skip: bool = False):
+                 dropout: float = 0.0, normalize: nn.Module | None = None, linear_skip: bool = False,
+                 embed: nn.Module | None = None):
         super().__init__()
         self.normalize = normalize or nn.Identity()
-        with torch.no_grad():  # the width the normalizer hands on (an embedding widens it)
-            width = self.normalize(torch.zeros(1, n_features)).shape[1]
+        self.embed = embed  # --embedding: fixed (buffers), the first layer on the normalized inputs
+        with torch.no_grad():  # the width the first Linear layer takes (an embedding widens it)
+            width = self.inputs(self.normalize(torch.zeros(1, n_features))).shape[1]
         self.skip = nn.Linear(width, n_outputs, bias=False) if linear_skip else None
         layers: list[nn.Module] = []
         for h in hidden:
@@ -45,7 +47,12 @@ class TabularNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_normalized(self.normalize(x))
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized inputs as the first Linear layer takes them."""
+        return x if self.embed is None else self.embed(x)
+
     def from_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inputs(x)
         return self.body(x) if self.skip is None else self.body(x) + self.skip(x)
 
 
@@ -106,13 +113,14 @@ class Regressor(nn.Module):
         return self.net(features).squeeze(-1) * self.y_scale + self.y_mean
 
 
-def build_network(cfg, modality: str, n_inputs: int, n_outputs: int, normalize: nn.Module) -> nn.Module:
+def build_network(cfg, modality: str, n_inputs: int, n_outputs: int, normalize: nn.Module,
+                  embed: nn.Module | None = None) -> nn.Module:
     """The network a config describes, for inputs of this width (or channels, for images)."""
     if modality == "image":
         return ConvNet(n_inputs, n_outputs, cfg.channels, cfg.batchnorm, cfg.dropout, normalize,
                        cfg.augment)
     return TabularNet(n_inputs, n_outputs, cfg.hidden, cfg.batchnorm, cfg.dropout, normalize,
-                      cfg.linear_skip)
+                      cfg.linear_skip, embed if cfg.embedding != "none" else None)
 
 
 def serving_model(net: nn.Module, task: str, y_mean: float = 0.0, y_scale: float = 1.0) -> nn.Module:

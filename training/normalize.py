@@ -38,6 +38,10 @@ class Normalizer:
     def feeds(self, X, input_name: str) -> dict[str, np.ndarray]:
         return {input_name: X if X.dtype == np.uint8 else X.astype(np.float32)}
 
+    def embedding_module(self) -> nn.Module | None:
+        """The network's first layer on the normalized inputs, if --embedding fitted one."""
+        return None
+
 
 class StandardScaling(Normalizer):
     """(x - mean) / std per feature, scikit-learn's StandardScaler (ddof=0; a constant feature
@@ -170,8 +174,9 @@ class QuantileNormal(Normalizer):
 
 
 class Embedded(Normalizer):
-    """A numeric normalizer followed by a piecewise-linear encoding of each normalized feature
-    (--embedding ple): `bins` bins per feature between its training quantiles (ties merged), so
+    """A numeric normalizer whose networks encode each normalized feature piecewise-linearly
+    (--embedding ple; embedding_module() is the network's first layer, so an ensemble still
+    normalizes once and the linear candidate takes the plain normalized features): `bins` bins per feature between its training quantiles (ties merged), so
     the network sees where a value lies, not only how large it is (a step-like effect is one
     weight). Fitted on the same training rows as the normalizer, after it; unsupervised, so the
     bins use no target and the folds' cross-validation stays honest. No partial_fit: quantiles
@@ -202,7 +207,10 @@ class Embedded(Normalizer):
         return meta
 
     def module(self) -> nn.Module:
-        return nn.Sequential(self.inner.module(), PiecewiseEncoding(self.edges_))
+        return self.inner.module()
+
+    def embedding_module(self) -> nn.Module:
+        return PiecewiseEncoding(self.edges_)
 
 
 class ChannelStats(Normalizer):
@@ -266,6 +274,9 @@ class MixedColumns(Normalizer):
     def module(self) -> nn.Module:
         return FirstColumns(self.numeric.module() if self.n_numeric_ else nn.Identity(),
                             self.n_numeric_)
+
+    def embedding_module(self) -> nn.Module | None:  # on the numeric columns, which come first
+        return self.numeric.embedding_module() if self.n_numeric_ else None
 
     def graph(self, net, net_input: str):
         """The network's ONNX graph with the imputing and encoding in front of it."""

@@ -137,7 +137,8 @@ def train(cfg, folds: list[Data], world, partner: list[torch.Tensor] | None = No
     nets = []
     for i in range(k):
         torch.manual_seed(cfg.seed + i)  # as engine.train seeds a member's own run
-        nets.append(build_network(cfg, "table", data.width, n_out, data.normalizer.module()))
+        nets.append(build_network(cfg, "table", data.width, n_out, data.normalizer.module(),
+                                  data.normalizer.embedding_module()))
     generators = [torch.Generator().manual_seed(cfg.seed + i) for i in range(k)]
     train_rows = [engine.tensors(f, "train", device) for f in folds]
     val_rows = [engine.tensors(f, "validation", device) for f in folds]
@@ -148,11 +149,12 @@ def train(cfg, folds: list[Data], world, partner: list[torch.Tensor] | None = No
             *train_rows[0], cfg.batch_size, generators[0])[1], task, generators[0])
         lr = sweep["suggestion"]
 
-    normalize = nets[0].normalize.to(device)  # statistics only (buffers): normalized once, here
+    # statistics only (buffers): normalized, and with --embedding encoded, once, here
+    prepare = nn.Sequential(nets[0].normalize, nets[0].embed or nn.Identity()).to(device)
     with torch.no_grad():
-        X_train = _padded([normalize(X) for X, _ in train_rows])
+        X_train = _padded([prepare(X) for X, _ in train_rows])
         y_train = _padded([y for _, y in train_rows])
-        X_val = _padded([normalize(X) for X, _ in val_rows])
+        X_val = _padded([prepare(X) for X, _ in val_rows])
     sizes = [len(y) for _, y in train_rows]
     steps = steps_per_epoch(max(sizes), cfg.batch_size)
 
