@@ -179,24 +179,34 @@ def test_quantile_normal_maps_training_rows_to_normal_scores():
     np.testing.assert_allclose(apply(fitted, probe), direct, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["robust", "quantile"])
-def test_table_normalizers_travel_in_the_graph_with_parity_on_outliers_and_gaps(method, tmp_path):
+def trained_on_outliers_answers_as_torch(tmp_path, **options):
+    """A classifier trained on rows with outliers (and `options`); its graph must answer raw rows,
+    one far outside anything seen in training, as the PyTorch model does. Returns the run."""
     import onnxruntime as ort
     from conftest import quick_config
     from training.fit import run
-    from training.encoding import column_feeds
     path = tmp_path / "outliers.csv"
     frame = make_frame(n=400)
     frame.loc[:3, "income"] = [1e9, -1e9, 4e8, 0.0]
     frame.to_csv(path, index=False)
-    result = run(quick_config(tmp_path, data=str(path), target="label", normalizer=method, store=False))
-    assert result.card["normalization"]["method"] == method and result.card["parity"]["max_abs_diff"] < 1e-4
+    result = run(quick_config(tmp_path, data=str(path), target="label", store=False, **options))
     session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
     X = frame.drop(columns="label").to_numpy(np.float32).copy()
     X[4] = [3e38, -3e38, 1e30, -1e30]  # far outside anything seen in training
     with torch.no_grad():
         expected = torch.softmax(result.trained.net.eval()(torch.from_numpy(X)), -1).numpy()
     np.testing.assert_allclose(session.run(["probabilities"], {"features": X})[0], expected, atol=1e-5)
+    return result
+
+
+@pytest.mark.parametrize("method", ["robust", "quantile"])
+def test_table_normalizers_travel_in_the_graph_with_parity_on_outliers_and_gaps(method, tmp_path):
+    import onnxruntime as ort
+    from conftest import quick_config
+    from training.fit import run
+    from training.encoding import column_feeds
+    result = trained_on_outliers_answers_as_torch(tmp_path, normalizer=method)
+    assert result.card["normalization"]["method"] == method and result.card["parity"]["max_abs_diff"] < 1e-4
 
     mixed_path = tmp_path / "mixed.csv"
     penguins().to_csv(mixed_path, index=False)
