@@ -11,7 +11,7 @@ from test_normalize import trained_on_outliers_answers_as_torch
 from training.encoding import column_feeds
 from training.fit import run
 from training.layers import PiecewiseEncoding
-from training.normalize import Embedded, QuantileNormal, StandardScaling, make_normalizer
+from training.normalize import Embedded, QuantileNormal, StandardScaling
 
 
 def encode(module, X) -> np.ndarray:
@@ -83,8 +83,9 @@ def test_a_streamed_run_fits_the_bins_on_its_training_sample(tmp_path):
     from training import stream
     path = tmp_path / "s.csv"
     make_frame(n=1200, seed=2).to_csv(path, index=False)
-    cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100, embedding="ple")
-    s = stream.scan(cfg, lambda: make_normalizer("quantile", "table", embedding="ple"))
+    cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100, embedding="ple",
+                       normalizer="quantile")
+    s = stream.scan(cfg)
     reference = Embedded(QuantileNormal()).fit(s.split.X_train)
     for a, b in zip(s.normalizer.edges_, reference.edges_):
         np.testing.assert_array_equal(a, b)

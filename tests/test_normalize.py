@@ -232,7 +232,7 @@ def test_a_quantile_normalizer_streams_by_fitting_the_training_sample(tmp_path):
     make_frame(n=1200, seed=2).to_csv(path, index=False)
     cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100,
                        normalizer="quantile")
-    s = stream.scan(cfg, QuantileNormal)
+    s = stream.scan(cfg)
     reference = QuantileNormal().fit(s.split.X_train)
     for a, b in zip(s.normalizer.knots_, reference.knots_):
         np.testing.assert_array_equal(a, b)
@@ -251,7 +251,7 @@ def test_a_streamed_regression_target_is_standardized_whatever_the_normalizer(tm
     path = tmp_path / "r.csv"
     frame.to_csv(path, index=False)
     cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100)
-    s = stream.scan(cfg, QuantileNormal)
+    s = stream.scan(cfg)
     train = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_share(1)) == stream.TRAIN
     assert s.task == "regression"
     assert s.y_scaling.mean_[0] == pytest.approx(frame.label.to_numpy()[train].mean(), rel=1e-12)

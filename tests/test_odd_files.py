@@ -128,19 +128,23 @@ def test_odd_file_that_cannot_train_is_one_line(capsys, tmp_path, name, message)
     assert code == 2 and message in printed[-1]
 
 
-def test_a_gap_in_a_streamed_column_stays_one_line_but_empty_and_date_columns_are_left_out(
-        capsys, tmp_path):
-    code, result, printed = train(capsys, tmp_path, str(ODD / "dates_ids_constants.csv"), "--stream",
-                                  "--chunk-rows", "30", "--drop", "constant")  # text: not streamed
-    assert code == 0, printed
-    assert {c["name"]: c["reason"] for c in result.card["left_out"]} == {
-        "id": "row id", "label": "target", "day": "date or time", "when": "date or time",
-        "constant": "--drop"}
-    code, _, printed = train(capsys, tmp_path, str(ODD / "infinities_and_huge.csv"), "--stream")
-    assert code == 2 and "column 'x' in data row 4 is infinite or beyond float32" in printed[-1]
-    code, result, printed = train(capsys, tmp_path, str(ODD / "semicolon_decimal_comma.csv"), "--stream",
-                                  "--drop", "colour")
-    assert code == 0 and result.card["feature_names"] == ["x", "y"]
+STREAMED = [t for t in TABLES if t[0] != "single_row_class.csv"]  # (its note is about the in-memory split)
+
+
+@pytest.mark.parametrize("name", [t[0] for t in STREAMED])
+def test_odd_table_streams_as_it_trains_in_memory(capsys, tmp_path, name):
+    """--stream reads the file in chunks of a few rows (types differ from chunk to chunk) and
+    judges its columns as a run in memory does: the same notes, columns and left-out ones."""
+    code, memory, printed_memory = train(capsys, tmp_path, str(ODD / name))
+    code_streamed, streamed, printed = train(capsys, tmp_path, str(ODD / name), "--stream", "--chunk-rows", "7")
+    assert code == code_streamed == 0, printed
+    assert printed == printed_memory
+    for key in ("feature_names", "modality", "left_out"):
+        assert streamed.card[key] == memory.card[key], key
+    what = ("name", "input", "type", "codes", "text", "decimal")  # (not what each split's rows taught)
+    assert [{k: c.get(k) for k in what} for c in streamed.card["columns"] or []] == \
+        [{k: c.get(k) for k in what} for c in memory.card["columns"] or []]
+    assert_serves_file_rows(streamed, str(ODD / name), "label")
 
 
 def test_thousands_of_columns(capsys, tmp_path):

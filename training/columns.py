@@ -24,6 +24,7 @@ import re
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -61,10 +62,11 @@ class Column:
     category texts ("": missing)."""
     name: str
     type: str                    # "numeric" | "categorical"
-    values: np.ndarray
+    values: np.ndarray | None    # None until read (a streamed scan reads them chunk by chunk)
     codes: bool = False          # integer codes, also one-hot encoded (training/encoding.py)
     text: bool = False           # numbers with some text in it: the text reads as missing
     decimal: str = "."           # the file's decimal mark, for numbers written as text
+    gaps: bool = False           # numbers: some rows read as missing
 
 
 @dataclass
@@ -142,56 +144,139 @@ def graph_numbers(values: pd.Series, decimal: str = ".") -> np.ndarray:
     return numbers(values) if is_number_column(values) else text_numbers(values, decimal)
 
 
-def judge(name: str, values: pd.Series, forced: str | None, decimal: str = ".") -> Column | str:
-    """A kept column with its values as the graph takes them, or why it is left out. `forced`:
+class Facts:
+    """What judging a column needs to know about its values (rows with a target). In memory
+    (`facts_of`) they are read off the whole column; a streamed scan (training/column_scan.py)
+    gathers them chunk by chunk."""
+    rows: int                 # values looked at
+    present: int              # values there (not missing, not a text that means missing)
+    read: int                 # present values that read as numbers
+    number_type: bool         # stored as numbers
+    category_type: bool       # a Parquet categorical column
+    nested: bool              # lists, maps or arrays in the cells
+    dates: bool               # dates or times (training/columns.py: is_date_column)
+    missing_read: int         # present values that read as missing numbers (text, or beyond float32)
+
+    def one_number(self) -> bool:
+        """At most one distinct number among the values."""
+        raise NotImplementedError
+
+    def distinct_texts(self) -> int:
+        """Distinct category texts (training/contract.py: category_text; "" is one)."""
+        raise NotImplementedError
+
+    def distinct_present(self) -> int:
+        raise NotImplementedError
+
+    def number_rows(self) -> pd.Series:
+        """Rows per distinct number (rules.is_code_column decides codes from it)."""
+        raise NotImplementedError
+
+
+class InMemory(Facts):
+    """Facts of a whole column in memory, each computed when judging asks for it."""
+
+    def __init__(self, values: pd.Series, decimal: str = "."):
+        self.values, self.decimal = values, decimal
+        self.rows, self.number_type = len(values), is_number_column(values)
+        self.category_type = isinstance(values.dtype, pd.CategoricalDtype)
+
+    @cached_property
+    def there(self) -> np.ndarray:
+        return present(self.values)
+
+    @cached_property
+    def numbers(self) -> np.ndarray:
+        return graph_numbers(self.values, self.decimal)
+
+    @cached_property
+    def texts(self) -> np.ndarray:
+        return texts(self.values)
+
+    present = cached_property(lambda self: int(self.there.sum()))
+    read = cached_property(lambda self: int((~np.isnan(self.numbers[self.there])).sum()))
+    missing_read = cached_property(lambda self: self.present - self.read)
+    nested = cached_property(lambda self: is_nested(self.values))
+    dates = cached_property(lambda self: is_date_column(self.values))
+
+    def one_number(self) -> bool:
+        return len(pd.unique(self.numbers[~np.isnan(self.numbers)])) <= 1
+
+    def distinct_texts(self) -> int:
+        return len(pd.unique(self.texts))
+
+    def distinct_present(self) -> int:
+        return int(self.values.nunique(dropna=True))
+
+    def number_rows(self) -> pd.Series:
+        return pd.Series(self.numbers).dropna().value_counts()
+
+
+def judge(name: str, facts: Facts, forced: str | None, decimal: str = ".") -> Column | str:
+    """What a column is (its values not filled in), or why it is left out. `forced`:
     "categorical" or "numeric" (--categorical, --numeric), which is never left out; a Parquet
     categorical column is categorical. `decimal`: the file's decimal mark."""
-    if is_nested(values):
+    if facts.nested:
         if forced:
             raise DataError(f"column {name!r} holds lists or nested values; the model takes numbers "
                             "and text")
         return "nested"
-    if forced == "categorical" or (not forced and isinstance(values.dtype, pd.CategoricalDtype)):
-        t = texts(values)
-        return "constant" if not forced and len(pd.unique(t)) <= 1 else Column(name, "categorical", t)
-    number_type, there = is_number_column(values), present(values)
+    if forced == "categorical" or (not forced and facts.category_type):
+        return ("constant" if not forced and facts.distinct_texts() <= 1
+                else Column(name, "categorical", None))
     if forced != "numeric":
-        if not there.any():
+        if not facts.present:
             return "empty"
-        if is_date_column(values):
+        if facts.dates:
             return "date or time"
-    x = graph_numbers(values, decimal)
-    read = ~np.isnan(x[there])  # the present values that read as numbers
     if forced == "numeric":
-        if not read.all():
-            raise DataError(f"--numeric column {name!r} has {count(int((~read).sum()))} that are not "
-                            "numbers")
-        return Column(name, "numeric", x, text=not number_type, decimal=decimal)
-    if number_type or read.mean() >= NUMBERS_SHARE:
-        if len(pd.unique(x[~np.isnan(x)])) <= 1:
+        if facts.read < facts.present:
+            raise DataError(f"--numeric column {name!r} has {count(facts.present - facts.read)} that are "
+                            "not numbers")
+        return Column(name, "numeric", None, text=not facts.number_type, decimal=decimal,
+                      gaps=facts.read < facts.rows)
+    if facts.number_type or facts.read >= NUMBERS_SHARE * facts.present:
+        if facts.one_number():
             return "constant"
-        return Column(name, "numeric", x, codes=is_code_column(pd.Series(x)), text=not number_type,
-                      decimal=decimal)
-    t = texts(values)
-    if len(pd.unique(t)) <= 1:
+        return Column(name, "numeric", None, codes=is_code_column(facts.number_rows()),
+                      text=not facts.number_type, decimal=decimal, gaps=facts.read < facts.rows)
+    if facts.distinct_texts() <= 1:
         return "constant"
-    return "near-unique text" if is_near_unique(values) else Column(name, "categorical", t)
+    return ("near-unique text" if is_near_unique(facts.distinct_present(), facts.rows)
+            else Column(name, "categorical", None))
+
+
+def graph_values(column: Column, values: pd.Series) -> np.ndarray:
+    """A kept column's values as the graph takes them: numbers (NaN: missing) or texts."""
+    return graph_numbers(values, column.decimal) if column.type == "numeric" else texts(values)
 
 
 def sort_columns(frame: pd.DataFrame, features: list, categorical=(), numeric=(),
                  decimal: str = ".") -> Columns:
-    """Each feature column judged (`judge`, module docstring), with notices for what is left out
-    or changed."""
+    """Each feature column of a table in memory judged (`judge`, module docstring), with notices
+    for what is left out or changed, and its values as the graph takes them."""
+    facts = {c: InMemory(frame[c], decimal) for c in features}
+    out = sort_facts(facts, categorical, numeric, decimal)
+    by_name = {str(c): f for c, f in facts.items()}
+    for column in out.kept:
+        f = by_name[column.name]
+        column.values = f.numbers if column.type == "numeric" else f.texts
+    return out
+
+
+def sort_facts(facts: dict, categorical=(), numeric=(), decimal: str = ".") -> Columns:
+    """Each column judged from its facts, with the notices for what is left out or changed
+    (the same for a table in memory and a streamed scan)."""
     out, why, unreadable, text_missing = Columns(kept=[]), {}, {}, {}
-    for c in features:
+    for c, f in facts.items():
         forced = "categorical" if c in (categorical or ()) else "numeric" if c in (numeric or ()) else None
-        judged = judge(str(c), frame[c], forced, decimal)
+        judged = judge(str(c), f, forced, decimal)
         if isinstance(judged, str):
             why[c] = judged
             continue
         out.kept.append(judged)
-        if judged.type == "numeric" and (n := int((np.isnan(judged.values) & present(frame[c])).sum())):
-            (text_missing if judged.text else unreadable)[c] = n
+        if judged.type == "numeric" and f.missing_read:
+            (text_missing if judged.text else unreadable)[c] = f.missing_read
     _notify(why, unreadable, text_missing, [c.name for c in out.kept if c.codes])
     out.left_out = {str(c): reason for c, reason in why.items()}
     if not out.kept:

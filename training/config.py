@@ -55,8 +55,7 @@ class Config:
                                           f"estimate), {TEST_SIZE} otherwise")
     seed: int = _opt(0, "seed for the split, the weights and the batch order")
     # tables larger than memory
-    stream: bool = _opt(False, "read --data in chunks instead of whole (tables larger than memory; "
-                               "numeric feature columns)")
+    stream: bool = _opt(False, "read --data in chunks instead of whole (tables larger than memory)")
     chunk_rows: int = _opt(100_000, "--stream: rows read at a time")
     shuffle_rows: int = _opt(500_000, "--stream: rows held in the shuffle buffer")
     eval_rows: int = _opt(100_000, "--stream: the metrics use a uniform sample of up to this many "
@@ -135,9 +134,6 @@ class Config:
             raise ConfigError("--embedding-bins must be between 2 and 256")
         if self.stream and not self.data:
             raise ConfigError("--stream reads a --data CSV or Parquet file")
-        if self.stream and (self.categorical or self.numeric):
-            raise ConfigError("--stream takes numeric feature columns; --categorical/--numeric "
-                              "need an in-memory run (without --stream)")
         test = self.test_share(folds=1)
         if not 0 < self.val_size < 1 or not 0 <= test < 1 or self.val_size + test >= 1:
             raise ConfigError("--val-size must be in (0, 1), --test-size in [0, 1) (or auto), and "

@@ -13,7 +13,7 @@ import pandas as pd
 from sklearn import datasets as skdatasets
 from sklearn.model_selection import train_test_split
 
-from training.columns import graph_input, sort_columns
+from training.columns import Column, graph_input, sort_columns
 from training.files import read_file
 from training.rules import (MIN_TRAIN_ROWS, DataError, DataNote, Target, check_rows, json_label,
                             names, too_few_to_split)
@@ -141,17 +141,8 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
     sorted_columns = sort_columns(frame, features, categorical, numeric, decimal)
     kept = sorted_columns.kept
     left_out.update(sorted_columns.left_out)
-    mixed = any(c.type == "categorical" or c.codes or c.text or np.isnan(c.values).any() for c in kept)
-    if mixed:
-        # Categories as text (a missing one is its own value, ""); numbers as floats with NaN.
-        X = pd.DataFrame({c.name: c.values for c in kept})
-        columns = [{"name": c.name, "input": graph_input(i, c.name), "type": c.type,
-                    **({"codes": True} if c.codes else {}),
-                    **({"text": "missing"} if c.text else {}),
-                    **({"decimal": c.decimal} if c.text and c.decimal != "." else {})}
-                   for i, c in enumerate(kept)]
-    else:
-        X, columns = np.column_stack([c.values for c in kept]), None
+    columns = describe(kept)
+    X = table_rows({c.name: c.values for c in kept}, mixed=columns is not None)
 
     target_summary = Target(target).add(frame[target])
     task, classes = target_summary.settle(task)
@@ -160,8 +151,26 @@ def to_table(frame: pd.DataFrame, target: str, features: list[str] | None, task:
         warnings.warn(f"class(es) with a single row: {names(classes[i] for i in single)}; such a class "
                       "cannot be validated (one row cannot be both trained on and held out)", DataNote)
     return Table(X=X, y=y, feature_names=[c.name for c in kept], task=task, classes=classes,
-                 source=source, dropped_rows=dropped, modality="mixed" if mixed else "table",
+                 source=source, dropped_rows=dropped, modality="mixed" if columns else "table",
                  columns=columns, left_out=[{"name": c, "reason": r} for c, r in left_out.items()])
+
+
+def describe(kept: list[Column]) -> list[dict] | None:
+    """A mixed table's columns as the model records them (training/contract.py); None for a
+    numeric table (numbers only, no gaps, no codes)."""
+    if not any(c.type == "categorical" or c.codes or c.text or c.gaps for c in kept):
+        return None
+    return [{"name": c.name, "input": graph_input(i, c.name), "type": c.type,
+             **({"codes": True} if c.codes else {}),
+             **({"text": "missing"} if c.text else {}),
+             **({"decimal": c.decimal} if c.text and c.decimal != "." else {})}
+            for i, c in enumerate(kept)]
+
+
+def table_rows(values: dict[str, np.ndarray], mixed: bool):
+    """The kept columns' values as the network's input rows: a mixed table's as a frame (categories
+    as text, "" when missing; numbers as floats, NaN when missing), a numeric table's as float64."""
+    return pd.DataFrame(values) if mixed else np.column_stack(list(values.values()))
 
 
 def image_table(X: np.ndarray, labels: list, classes: list, source: str, resize: bool) -> Table:

@@ -75,18 +75,23 @@ def pooled(split: Split) -> Split:
 
 
 def _streamed(cfg, world: World) -> Data:
-    s = world.share(lambda: stream.scan(cfg, lambda: make_normalizer(cfg.normalizer, "table", embedding=cfg.embedding,
-                                                                     bins=cfg.embedding_bins), world.size),
+    s = world.share(lambda: stream.scan(cfg, world.size),
                     public=lambda s: dataclasses.replace(s, split=None))
-    n = len(s.features)
-    table = Table(X=np.empty((0, n)), y=np.empty(0), feature_names=s.features, task=s.task,
-                  classes=s.classes, source=cfg.data, dropped_rows=s.dropped_rows, left_out=s.left_out)
-    empty = {"X": np.empty((0, n)), "y": np.empty(0, np.int64)}  # ranks other than 0
-    split = s.split or Split(**{f"{a}_{b}": empty[a] for b in ("train", "val", "test") for a in "Xy"},
-                             stratified=False)
+    names = [c.name for c in s.kept]
+    table = Table(X=np.empty((0, len(names))), y=np.empty(0), feature_names=names, task=s.task,
+                  classes=s.classes, source=cfg.data, dropped_rows=s.dropped_rows,
+                  modality="mixed" if s.columns else "table", columns=s.columns, left_out=s.left_out)
+    split = s.split or no_rows(s)  # ranks other than 0
     y_scaling = s.y_scaling if s.task == "regression" else None
     return Data(table=table, split=split, rows=s.rows, normalizer=s.normalizer, scan=s,
                 **target_scaling(y_scaling))
+
+
+def no_rows(s: stream.Scan) -> Split:
+    X = s.inputs(pd.DataFrame({f: pd.Series([], dtype=object if c.type == "categorical" else float)
+                               for f, c in zip(s.features, s.kept)}))
+    empty = {"X": X, "y": np.empty(0, np.int64)}
+    return Split(**{f"{a}_{b}": empty[a] for b in ("train", "val", "test") for a in "Xy"}, stratified=False)
 
 
 def target_scaling(y_scaling: StandardScaling | None) -> dict[str, float]:

@@ -42,29 +42,42 @@ def by_input(frame: pd.DataFrame, columns: list[dict]) -> pd.DataFrame:
 MIN_CATEGORY_ROWS, MAX_CATEGORIES, MAX_CODES = 5, 100, 1000
 
 
-def kept_categories(values: pd.Series, most: int = MAX_CATEGORIES) -> list:
-    counts = values.value_counts()
-    kept = counts[counts >= MIN_CATEGORY_ROWS].index[:most]
-    return sorted(kept if len(kept) else counts.index[:1])
+def kept_categories(rows: pd.Series, most: int = MAX_CATEGORIES) -> list:
+    """`rows`: training rows per value. The most frequent values with enough rows (ties by value),
+    sorted; the most frequent one if none has enough."""
+    ranked = sorted(rows.items(), key=lambda item: (-item[1], item[0]))
+    kept = [value for value, n in ranked if n >= MIN_CATEGORY_ROWS][:most]
+    return sorted(kept or [ranked[0][0]]) if ranked else []
 
 
 def code_names(columns: list[dict]) -> list[str]:
     return [column_input(c) for c in columns if c.get("codes")]
 
 
-def fit_encoder(frame: pd.DataFrame, columns: list[dict]) -> ColumnTransformer:
-    """Fitted on the rows given (the training split) only."""
+def value_rows(frame: pd.DataFrame, columns: list[dict]) -> dict[str, pd.Series]:
+    """Rows per value of each categorical column (its texts) and code column (its integers):
+    what the vocabularies are chosen from (a streamed scan counts them chunk by chunk)."""
+    by_name = by_input(frame, columns)
+    out = {c: by_name[c].value_counts() for c in names(columns, "categorical")}
+    out.update({c: by_name[c].dropna().astype(np.int64).value_counts() for c in code_names(columns)})
+    return out
+
+
+def fit_encoder(frame: pd.DataFrame, columns: list[dict], rows: dict[str, pd.Series] | None = None
+                ) -> ColumnTransformer:
+    """Fitted on the rows given (the training split) only; the vocabularies from `rows`
+    (value_rows of the whole training split, where `frame` is a sample of it)."""
+    rows = value_rows(frame, columns) if rows is None else rows
     frame = by_input(frame, columns)
     # keep_empty_features: a column with no value in these rows (a forced --numeric column, or
     # one whose few values all fell outside the training rows) keeps its place, imputed as 0.
     numeric = SimpleImputer(strategy="median", keep_empty_features=True)
-    categorical = OneHotEncoder(categories=[kept_categories(frame[c]) for c in names(columns, "categorical")],
+    categorical = OneHotEncoder(categories=[kept_categories(rows[c]) for c in names(columns, "categorical")],
                                 handle_unknown="ignore", sparse_output=False, dtype=np.float64)
     # Codes: a missing value is imputed as one below the smallest code, which has no column. (The
     # graph casts a code to int64 before the lookup, so a fractional value, never seen in
     # training, counts as its integer part there.)
-    codes = [np.array(kept_categories(frame[c].dropna().astype(np.int64), MAX_CODES), dtype=np.int64)
-             for c in code_names(columns)]
+    codes = [np.array(kept_categories(rows[c], MAX_CODES), dtype=np.int64) for c in code_names(columns)]
     below = min((int(c[0]) - 1 for c in codes), default=0)
     coded = make_pipeline(SimpleImputer(strategy="constant", fill_value=float(below)),
                           OneHotEncoder(categories=[c.astype(np.float64) for c in codes],
@@ -76,7 +89,44 @@ def fit_encoder(frame: pd.DataFrame, columns: list[dict]) -> ColumnTransformer:
 
 
 def transform(pre: ColumnTransformer, frame: pd.DataFrame, columns: list[dict]) -> np.ndarray:
+    if not len(frame):  # (scikit-learn refuses no rows: a streamed run's ranks but the first hold none)
+        return np.zeros((0, len(names(columns, "numeric")) + sum(one_hot_sizes(pre))), np.float32)
     return np.asarray(pre.transform(by_input(frame, columns)), dtype=np.float32)
+
+
+def compact(pre: ColumnTransformer, frame: pd.DataFrame, columns: list[dict]) -> np.ndarray:
+    """`transform`'s rows with each categorical and code column as one number, the index of its
+    value among the column's one-hot columns (-1: none of them), instead of the one-hot columns:
+    what a streamed run holds in its shuffle buffer (`expand` gives transform's rows back)."""
+    frame, parts = by_input(frame, columns), []
+    steps = pre.named_transformers_
+    if "numeric" in steps:
+        parts.append(steps["numeric"].transform(frame[names(columns, "numeric")]))
+    if "categorical" in steps:
+        for name, values in zip(names(columns, "categorical"), steps["categorical"].categories_):
+            parts.append(pd.Categorical(frame[name], categories=values).codes[:, None])
+    if "codes" in steps:
+        imputer, encoder = steps["codes"]
+        filled = imputer.transform(frame[code_names(columns)])
+        for j, values in enumerate(encoder.categories_):
+            parts.append(pd.Categorical(filled[:, j], categories=values).codes[:, None])
+    return np.hstack(parts).astype(np.float32)
+
+
+def one_hot_sizes(pre: ColumnTransformer) -> list[int]:
+    """How many one-hot columns each categorical, then each code column has."""
+    steps = pre.named_transformers_
+    return ([len(v) for v in steps["categorical"].categories_] if "categorical" in steps else []) + \
+        ([len(v) for v in steps["codes"][-1].categories_] if "codes" in steps else [])
+
+
+def expand(X, sizes: list[int]):
+    """`compact`'s rows (a torch tensor) as `transform`'s: each index as its one-hot columns."""
+    import torch
+    numeric = X.shape[1] - len(sizes)
+    parts = [X[:, :numeric]] + [torch.nn.functional.one_hot(X[:, numeric + j].long() + 1, k + 1)[:, 1:].to(X.dtype)
+                                for j, k in enumerate(sizes)]
+    return torch.cat(parts, dim=1)
 
 
 def column_feeds(frame: pd.DataFrame, columns: list[dict]) -> dict[str, np.ndarray]:

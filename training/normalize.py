@@ -42,6 +42,14 @@ class Normalizer:
         """The network's first layer on the normalized inputs, if --embedding fitted one."""
         return None
 
+    def compact(self, X) -> np.ndarray:
+        """Rows as a streamed run buffers them (float32); `expand` (on a batch tensor) gives
+        `encode`'s rows. Numeric tables: the rows themselves."""
+        return np.asarray(X, dtype=np.float32)
+
+    def expand(self, X):
+        return X
+
 
 class StandardScaling(Normalizer):
     """(x - mean) / std per feature, scikit-learn's StandardScaler (ddof=0; a constant feature
@@ -63,6 +71,12 @@ class StandardScaling(Normalizer):
     def _learned(self) -> StandardScaling:
         self.mean_, self.scale_ = self.scaler.mean_, self.scaler.scale_
         return self
+
+    def subset(self, features: list[int]) -> StandardScaling:
+        """The statistics of some of the features (each feature's are its own)."""
+        out = StandardScaling()
+        out.mean_, out.scale_ = self.mean_[features], self.scale_[features]
+        return out
 
     def per_feature(self) -> list[dict]:
         return [{"mean": float(m), "scale": float(s)} for m, s in zip(self.mean_, self.scale_)]
@@ -245,8 +259,10 @@ class MixedColumns(Normalizer):
     def __init__(self, numeric, columns: list[dict]):
         self.numeric, self.columns = numeric, columns
 
-    def fit(self, frame) -> MixedColumns:
-        self.encoder_ = encoding.fit_encoder(frame, self.columns)
+    def fit(self, frame, rows: dict | None = None) -> MixedColumns:
+        """`rows`: the training rows per value of each categorical and code column, when `frame`
+        is a sample of the training rows (a streamed run); otherwise counted in `frame`."""
+        self.encoder_ = encoding.fit_encoder(frame, self.columns, rows)
         self.n_numeric_ = len(encoding.names(self.columns, "numeric"))
         if self.n_numeric_:
             self.numeric.fit(self.encode(frame)[:, :self.n_numeric_])
@@ -254,6 +270,12 @@ class MixedColumns(Normalizer):
 
     def encode(self, frame) -> np.ndarray:
         return encoding.transform(self.encoder_, frame, self.columns)
+
+    def compact(self, frame) -> np.ndarray:  # categories as indices, not one-hot
+        return encoding.compact(self.encoder_, frame, self.columns)
+
+    def expand(self, X):
+        return encoding.expand(X, encoding.one_hot_sizes(self.encoder_))
 
     def metadata(self) -> dict:
         numeric = iter(self.numeric.per_feature() if self.n_numeric_ else [])

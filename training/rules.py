@@ -60,9 +60,9 @@ def json_label(v):
     return str(v)
 
 
-def is_near_unique(values: pd.Series) -> bool:
-    distinct = values.nunique(dropna=True)
-    return distinct > NEAR_UNIQUE_MIN and distinct > NEAR_UNIQUE_SHARE * len(values)
+def is_near_unique(distinct: int, rows: int) -> bool:
+    """`distinct` present values in `rows` rows."""
+    return distinct > NEAR_UNIQUE_MIN and distinct > NEAR_UNIQUE_SHARE * rows
 
 
 # An integer column with more distinct values than the quantile map has knots (so the map pools
@@ -77,16 +77,13 @@ CODE_MIN_VALUES, CODE_MIN_ROWS, CODE_MAX_SPREAD = 128, 5, 1.0
 FLOAT32_EXACT = 2**24  # every integer below it is exact in float32
 
 
-def is_code_column(values: pd.Series) -> bool:
-    present = values.dropna()
-    if not is_number_column(values) or present.empty:
-        return False
-    rows = present.value_counts()  # per distinct value
-    if len(rows) <= CODE_MIN_VALUES or len(present) < CODE_MIN_ROWS * len(rows):
+def is_code_column(rows: pd.Series) -> bool:
+    """`rows`: how many rows hold each distinct number of the column (missing ones not counted)."""
+    if rows.empty or len(rows) <= CODE_MIN_VALUES or rows.sum() < CODE_MIN_ROWS * len(rows):
         return False
     if rows.std(ddof=0) > CODE_MAX_SPREAD * rows.mean():
         return False
-    numbers = present.to_numpy(np.float64)
+    numbers = rows.index.to_numpy(np.float64)
     if not np.all(np.mod(numbers, 1) == 0) or np.abs(numbers).max() >= FLOAT32_EXACT:
         return False  # the graph takes float32: larger integers would not arrive exactly
     return int(np.gcd.reduce(np.abs(numbers).astype(np.int64))) == 1
