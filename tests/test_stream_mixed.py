@@ -162,8 +162,9 @@ def test_memory_is_bounded_by_the_count_cap_and_compact_buffers(files, tmp_path,
                  "--no-progress", "--no-store", "--models-dir", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "column 'coupon' has more than 100 distinct values" in err and err.count("\n") == 1
-    # The shuffle buffer holds a category as its index: one number per column, not one-hot.
+    # The shuffle buffer holds a category as its index: one number per column, not one-hot;
+    # expanded, it is scikit-learn's encoding (which the graph holds).
     compact = s.normalizer.compact(s.split.X_train)
-    encoded = s.normalizer.encode(s.split.X_train)
-    assert compact.shape[1] == len(s.kept) < encoded.shape[1]
-    np.testing.assert_array_equal(s.normalizer.expand(torch.from_numpy(compact)).numpy(), encoded)
+    sklearn = s.normalizer.encoder_.transform(encoding.by_input(s.split.X_train, s.columns)).toarray().astype(np.float32)
+    assert compact.shape[1] == len(s.kept) < sklearn.shape[1]
+    np.testing.assert_array_equal(s.normalizer.expand(torch.from_numpy(compact)).numpy(), sklearn)

@@ -73,7 +73,7 @@ def fit_encoder(frame: pd.DataFrame, columns: list[dict], rows: dict[str, pd.Ser
     # one whose few values all fell outside the training rows) keeps its place, imputed as 0.
     numeric = SimpleImputer(strategy="median", keep_empty_features=True)
     categorical = OneHotEncoder(categories=[kept_categories(rows[c]) for c in names(columns, "categorical")],
-                                handle_unknown="ignore", sparse_output=False, dtype=np.float64)
+                                handle_unknown="ignore", sparse_output=True, dtype=np.float64)
     # Codes: a missing value is imputed as one below the smallest code, which has no column. (The
     # graph casts a code to int64 before the lookup, so a fractional value, never seen in
     # training, counts as its integer part there.)
@@ -81,35 +81,40 @@ def fit_encoder(frame: pd.DataFrame, columns: list[dict], rows: dict[str, pd.Ser
     below = min((int(c[0]) - 1 for c in codes), default=0)
     coded = make_pipeline(SimpleImputer(strategy="constant", fill_value=float(below)),
                           OneHotEncoder(categories=[c.astype(np.float64) for c in codes],
-                                        handle_unknown="ignore", sparse_output=False, dtype=np.float64))
+                                        handle_unknown="ignore", sparse_output=True, dtype=np.float64))
     steps = [("numeric", numeric, names(columns, "numeric")),
              ("categorical", categorical, names(columns, "categorical")),
              ("codes", coded, code_names(columns))]
-    return ColumnTransformer([s for s in steps if s[2]]).fit(frame)
+    # Sparse output: fitting transforms the rows, and a dense block of every one-hot column would
+    # cost more memory than anything else a streamed run holds (`transform` below is dense).
+    return ColumnTransformer([s for s in steps if s[2]], sparse_threshold=1.0).fit(frame)
 
 
 def transform(pre: ColumnTransformer, frame: pd.DataFrame, columns: list[dict]) -> np.ndarray:
-    if not len(frame):  # (scikit-learn refuses no rows: a streamed run's ranks but the first hold none)
-        return np.zeros((0, len(names(columns, "numeric")) + sum(one_hot_sizes(pre))), np.float32)
-    return np.asarray(pre.transform(by_input(frame, columns)), dtype=np.float32)
+    """The fitted encoder's output rows, float32: `compact` expanded (equal to pre.transform's,
+    tested, without its float64 copy of every one-hot column)."""
+    import torch
+    return expand(torch.from_numpy(compact(pre, frame, columns)), one_hot_sizes(pre)).numpy()
 
 
 def compact(pre: ColumnTransformer, frame: pd.DataFrame, columns: list[dict]) -> np.ndarray:
     """`transform`'s rows with each categorical and code column as one number, the index of its
     value among the column's one-hot columns (-1: none of them), instead of the one-hot columns:
     what a streamed run holds in its shuffle buffer (`expand` gives transform's rows back)."""
-    frame, parts = by_input(frame, columns), []
+    frame, parts = by_input(frame, columns), [np.zeros((len(frame), 0))]
     steps = pre.named_transformers_
+    if not len(frame):  # (scikit-learn refuses no rows: a streamed run's ranks but the first hold none)
+        return np.zeros((0, len(names(columns, "numeric")) + len(one_hot_sizes(pre))), np.float32)
     if "numeric" in steps:
         parts.append(steps["numeric"].transform(frame[names(columns, "numeric")]))
     if "categorical" in steps:
         for name, values in zip(names(columns, "categorical"), steps["categorical"].categories_):
-            parts.append(pd.Categorical(frame[name], categories=values).codes[:, None])
+            parts.append(pd.Index(values).get_indexer(frame[name])[:, None])
     if "codes" in steps:
         imputer, encoder = steps["codes"]
         filled = imputer.transform(frame[code_names(columns)])
         for j, values in enumerate(encoder.categories_):
-            parts.append(pd.Categorical(filled[:, j], categories=values).codes[:, None])
+            parts.append(pd.Index(values).get_indexer(filled[:, j])[:, None])
     return np.hstack(parts).astype(np.float32)
 
 
@@ -121,12 +126,19 @@ def one_hot_sizes(pre: ColumnTransformer) -> list[int]:
 
 
 def expand(X, sizes: list[int]):
-    """`compact`'s rows (a torch tensor) as `transform`'s: each index as its one-hot columns."""
+    """`compact`'s rows (a float32 torch tensor) as `transform`'s: each index as its one-hot
+    columns, written into one float32 block (no wider intermediate)."""
     import torch
     numeric = X.shape[1] - len(sizes)
-    parts = [X[:, :numeric]] + [torch.nn.functional.one_hot(X[:, numeric + j].long() + 1, k + 1)[:, 1:].to(X.dtype)
-                                for j, k in enumerate(sizes)]
-    return torch.cat(parts, dim=1)
+    out = torch.zeros(X.shape[0], numeric + sum(sizes), dtype=X.dtype, device=X.device)
+    out[:, :numeric] = X[:, :numeric]
+    offset = numeric
+    for j, k in enumerate(sizes):
+        index = X[:, numeric + j].long()
+        rows = torch.nonzero(index >= 0).squeeze(1)
+        out[rows, offset + index[rows]] = 1
+        offset += k
+    return out
 
 
 def column_feeds(frame: pd.DataFrame, columns: list[dict]) -> dict[str, np.ndarray]:
