@@ -4,6 +4,7 @@
     python -m benchmarks.quality --tables Boston,wine --seeds 2
     python -m benchmarks.quality --fast --tables nlschools,LaborSupply,Snmesp   # group ids
     python -m benchmarks.quality --fast --set lr=auto    # in process, torch scoring: recipe search
+    python -m benchmarks.quality --tables diamonds,Males --set folds=1 --set stream=true   # streamed
 
 For each table and seed: a seeded 80/20 holdout of the raw rows (stratified for classification).
 The project: `python -m training.fit` on the 80% file (a subprocess, so the wall time is what a
@@ -199,6 +200,12 @@ def parse_settings(items: list[str]) -> dict:
     return settings
 
 
+def cli_option(key: str, value: str) -> list[str]:
+    """`--set stream=true` -> --stream, `--set refit=false` -> --no-refit, others -> --key value."""
+    flag = key.replace("_", "-")
+    return {"true": [f"--{flag}"], "false": [f"--no-{flag}"]}.get(value.lower(), [f"--{flag}", value])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tables", default="", help="comma-separated names (default: the whole suite)")
@@ -215,7 +222,7 @@ def main() -> None:
         wanted |= {name for _, name, _ in TREES}
     suite = [t for t in SUITE + GROUPED + TREES if t[1] in wanted] if wanted else SUITE + TREES
     settings = parse_settings(args.set)
-    options = [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", v)]
+    options = [a for k, v in settings.items() for a in cli_option(k, v)]
     from training.data import infer_task
     runs = []
     for source, name, target in suite:

@@ -68,7 +68,7 @@ def torch_reference(result, X):
     mean = np.asarray(card["normalization"]["mean"])
     scale = np.asarray(card["normalization"]["scale"])
     with torch.no_grad():
-        out = net.body(torch.as_tensor((X - mean) / scale, dtype=torch.float32))
+        out = net.from_normalized(torch.as_tensor((X - mean) / scale, dtype=torch.float32))
     if card["task"] == "classification":
         return torch.softmax(out, -1).numpy()
     t = card["target_normalization"]

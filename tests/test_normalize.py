@@ -231,7 +231,7 @@ def test_a_quantile_normalizer_streams_by_fitting_the_training_sample(tmp_path):
     path = tmp_path / "s.csv"
     make_frame(n=1200, seed=2).to_csv(path, index=False)
     cfg = quick_config(tmp_path, data=str(path), target="label", stream=True, chunk_rows=100,
-                       normalizer="quantile")
+                       normalizer="quantile", embedding="none")
     s = stream.scan(cfg)
     reference = QuantileNormal().fit(s.split.X_train)
     for a, b in zip(s.normalizer.knots_, reference.knots_):

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def scan(cfg, world_size: int = 1) -> stream.Scan:
     """The streamed first pass, fitting a StandardScaling normalizer."""
-    return stream.scan(dataclasses.replace(cfg, normalizer="standard"), world_size)
+    return stream.scan(dataclasses.replace(cfg, normalizer="standard", embedding="none"), world_size)
 
 
 @pytest.fixture(scope="module")

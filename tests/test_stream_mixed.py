@@ -68,7 +68,8 @@ def in_memory_on_the_scans_training_rows(cfg, **forced):
     frame = read_file(cfg.data)[1]
     table, notes = notes_of(lambda: to_table(frame, "spent", None, "regression", "t", drop=cfg.drop, **forced))
     train = stream.split_of(np.arange(len(frame)), cfg.seed, cfg.val_size, cfg.test_share(1)) == stream.TRAIN
-    normalizer = make_normalizer(cfg.normalizer, table.modality, table.columns).fit(
+    normalizer = make_normalizer(cfg.normalizer, table.modality, table.columns, cfg.embedding,
+                                 cfg.embedding_bins).fit(
         table.X[train].reset_index(drop=True))
     return table, notes, normalizer, train
 

@@ -324,7 +324,7 @@ def test_linear_skip_adds_a_linear_model_beside_the_network(tmp_path, csv_path):
     net = result.trained.net.eval()
     X = torch.from_numpy(result.data.split.X_test.astype(np.float32))
     with torch.no_grad():
-        z = net.normalize(X)
+        z = net.inputs(net.normalize(X))
         np.testing.assert_allclose(net(X).numpy(), (net.body(z) + net.skip(z)).numpy(), atol=1e-6)
         expected = torch.softmax(net(X), -1).numpy()
     session = ort.InferenceSession(str(result.model_dir / "model.onnx"))
@@ -367,7 +367,7 @@ def test_folds_bag_networks_each_stopped_early_on_its_own_fold(tmp_path, csv_pat
     result.card["timings"] = {}
     assert "3 folds of 400 rows / no test split" in summary(result.card, result.model_dir, None)
     ops = [n.op_type for n in onnx.load(str(result.model_dir / "model.onnx")).graph.node]
-    assert ops.count("Sub") == ops.count("Div") == 1  # the inputs normalized once, not per network
+    assert ops.count("Sub") == ops.count("Div") == 2  # normalized once and embedded once, not per network
 
 
 def test_folds_default_to_five_for_in_memory_tables_only(tmp_path, csv_path):
@@ -430,7 +430,7 @@ def test_the_blend_is_exported_where_it_cross_validates_best(tmp_path):
     path = tmp_path / "bent.csv"
     pd.DataFrame(X, columns=list("abcd")).assign(y=y).to_csv(path, index=False)
     cfg = quick_config(tmp_path, data=str(path), target="y", task="regression", folds=3, epochs=60,
-                       patience=10, normalizer="standard", store=False)
+                       patience=10, normalizer="standard", embedding="none", store=False)  # (a table made for it)
     result = run(cfg)
     cv = result.card["training"]["cross_validation"]
     assert cv["chosen"] == "network + linear" and cv["metrics"] == cv["candidates"]["network + linear"]

@@ -66,9 +66,10 @@ class Config:
                                    "(median and IQR, outliers smoothly clipped) or none; auto is "
                                    "quantile for tables and standard (per channel) for images",
                            choices=tuple(NORMALIZERS))
-    embedding: str = _opt("none", "tables: each normalized numeric feature encoded before the network: "
+    embedding: str = _opt("auto", "tables: each normalized numeric feature encoded before the network: "
                                   "ple (piecewise-linear over --embedding-bins training-quantile bins) "
-                                  "or none", choices=("none", "ple"))
+                                  "or none; auto is ple for tables (benchmarks/quality.py chose it) "
+                                  "and none for images", choices=("auto", "none", "ple"))
     embedding_bins: int = _opt(16, "--embedding ple: bins per feature (fewer where values tie)")
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
     hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables); empty: a linear "
@@ -128,7 +129,7 @@ class Config:
         if self.is_images and NORMALIZERS[self.normalizer][1] is None:
             raise ConfigError(f"--normalizer {self.normalizer} is for tables; images take "
                               + ", ".join(m for m, (_, image) in NORMALIZERS.items() if image))
-        if self.is_images and self.embedding != "none":
+        if self.is_images and self.embedding == "ple":
             raise ConfigError("--embedding is for tables")
         if not 2 <= self.embedding_bins <= 256:
             raise ConfigError("--embedding-bins must be between 2 and 256")

@@ -28,24 +28,35 @@ from training.config import AUTO_FOLDS_MAX_ROWS, LINEAR_CANDIDATE_MAX_ROWS
 from training.data import Split
 from training.dataset import Data, pooled
 from training.distributed import World
+from training.model import TabularNet
 from training.rules import MIN_TRAIN_ROWS, DataError, DataNote
 
 
 class Ensemble(nn.Module):
-    """The mean of its members' outputs. The members share the run's fitted normalizer, so the
-    inputs are normalized once (in the graph too: the quantile map is most of a small network's
-    serving time)."""
+    """The mean of its members' outputs. The members share the run's fitted normalizer and
+    embedding, so the inputs are normalized once and embedded once (in the graph too: the
+    quantile map is most of a small network's serving time); a member without the embedding (the
+    linear candidate) takes the normalized inputs."""
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.normalize = members[0].normalize
+        self.embed = next((m.embed for m in members if _embeds(m)), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_normalized(self.normalize(x))
 
     def from_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m.from_normalized(x) for m in self.members]).mean(dim=0)
+        embedded = None if self.embed is None else self.embed(x)
+        return torch.stack([m.from_inputs(embedded) if _embeds(m) else m.from_normalized(x)
+                            for m in self.members]).mean(dim=0)
+
+
+def _embeds(member: nn.Module) -> bool:
+    """A network with the embedding (not the linear candidate, nor an ensemble, which embeds once
+    itself)."""
+    return isinstance(member, TabularNet) and member.embed is not None
 
 
 def fold_data(data: Data, k: int, seed: int, repeats: int = 1) -> list[Data]:

@@ -52,7 +52,10 @@ class TabularNet(nn.Module):
         return x if self.embed is None else self.embed(x)
 
     def from_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inputs(x)
+        return self.from_inputs(self.inputs(x))
+
+    def from_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """From the inputs as the first Linear layer takes them (normalized, embedded)."""
         return self.body(x) if self.skip is None else self.body(x) + self.skip(x)
 
 
