@@ -52,6 +52,13 @@ def test_a_numeric_model_with_the_embedding_exports_with_parity_on_outliers(tmp_
     card = result.card
     assert card["parity"]["max_abs_diff"] < 1e-4
     assert card["normalization"]["embedding"]["method"] == "ple" and card["config"]["embedding"] == "ple"
+    if extra.get("folds"):  # five networks and the linear bag: the graph encodes once, not per network
+        import onnx
+        ops = [n.op_type for n in onnx.load(str(result.model_dir / "model.onnx")).graph.node]
+        (tmp_path / "none").mkdir()
+        reference = trained_on_outliers_answers_as_torch(tmp_path / "none", embedding="none", **extra)
+        plain = [n.op_type for n in onnx.load(str(reference.model_dir / "model.onnx")).graph.node]
+        assert ops.count("Max") - plain.count("Max") == 1 and ops.count("Min") - plain.count("Min") == 1
     nets = [m for m in result.trained.net.modules() if isinstance(m, TabularNet)]
     # the networks (and a linear model asked for) take the encoding; the linear candidate does not
     assert nets and all((m.embed is not None) == (len(m.body) > 1 or not extra.get("folds")) for m in nets)

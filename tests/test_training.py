@@ -367,7 +367,7 @@ def test_folds_bag_networks_each_stopped_early_on_its_own_fold(tmp_path, csv_pat
     result.card["timings"] = {}
     assert "3 folds of 400 rows / no test split" in summary(result.card, result.model_dir, None)
     ops = [n.op_type for n in onnx.load(str(result.model_dir / "model.onnx")).graph.node]
-    assert ops.count("Sub") == ops.count("Div") == 2  # normalized once and embedded once, not per network
+    assert ops.count("Sub") == ops.count("Div") == 1  # the inputs normalized once, not per network
 
 
 def test_folds_default_to_five_for_in_memory_tables_only(tmp_path, csv_path):

@@ -66,10 +66,10 @@ class Config:
                                    "(median and IQR, outliers smoothly clipped) or none; auto is "
                                    "quantile for tables and standard (per channel) for images",
                            choices=tuple(NORMALIZERS))
-    embedding: str = _opt("auto", "tables: each normalized numeric feature encoded before the network: "
-                                  "ple (piecewise-linear over --embedding-bins training-quantile bins) "
-                                  "or none; auto is ple for tables (benchmarks/quality.py chose it) "
-                                  "and none for images", choices=("auto", "none", "ple"))
+    embedding: str = _opt("none", "tables: each normalized numeric feature encoded before the network: "
+                                  "ple (piecewise-linear over --embedding-bins training-quantile bins; "
+                                  "better where trees win, slower to serve: docs/quality.md) or none",
+                          choices=("none", "ple"))
     embedding_bins: int = _opt(16, "--embedding ple: bins per feature (fewer where values tie)")
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
     hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables); empty: a linear "

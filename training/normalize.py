@@ -322,6 +322,6 @@ def make_normalizer(method: str, modality: str, columns: list[dict] | None = Non
     numeric, image = NORMALIZERS[method]
     if modality == "image":
         return image()
-    numeric = Embedded(numeric(), bins) if embedding in ("auto", "ple") else numeric()
+    numeric = Embedded(numeric(), bins) if embedding == "ple" else numeric()
     return MixedColumns(numeric, columns) if modality == "mixed" else numeric
 
