@@ -22,7 +22,6 @@ from torch import nn
 
 from training.contract import INPUTS, OUTPUTS, PIPELINE_LABEL, encode_metadata
 from training.dataset import SPLITS
-from training.engine import tensors
 
 PARITY_TOLERANCE = 1e-4
 # Parity is checked on the split's first rows: enough to cover every path of the graph, and a
