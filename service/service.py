@@ -34,7 +34,9 @@ from starlette.routing import Route
 
 from service import bentoml_patches
 from service.middleware import BodyLimit, FastPredict, ImageUpload, OpenInference, chosen_model
+from service.loading import fail
 from service.oip import Protocol
+from service.port import check_port_free
 from service.registry import NotLoaded, Registry
 from service.repository import Repository
 from service.schema import example, instances_type
@@ -47,6 +49,7 @@ TRACING = os.environ.get("TRACING") == "1"  # OpenTelemetry spans (off: BentoML 
 PREDICT_ROUTE, UPLOAD_ROUTE, UPLOAD_FIELD = "/predict", "/predict_image", "image"
 TIMEOUT_S = 30  # a request not answered by then gets a 504
 
+check_port_free(fail)  # in `bentoml serve`'s own process, before it binds
 bentoml_patches.apply(routes=(PREDICT_ROUTE, UPLOAD_ROUTE, "/metadata", "/drift", "/shadow"), tracing=TRACING,
                       front=(BodyLimit, FastPredict, OpenInference))
 # BentoML sets no thread limits: workers each using every core would fight each other. Count the

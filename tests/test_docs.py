@@ -1,0 +1,175 @@
+"""The documentation cannot rot: the README's commands run (tests/docs_blocks.py says how), the
+docs pages' runnable blocks run, every page is linked, every link and anchor resolves, and every
+flag the docs name is one the program's `--help` lists."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from docs_blocks import ROOT, Session, blocks, pages, printed
+
+README = ROOT / "README.md"
+README_MAX_LINES = 180
+README_BLOCKS = [b for b in blocks(README) if b.runs]
+DOCS_BLOCKS = [b for page in pages()[1:] for b in blocks(page) if b.runs]
+MARKS = re.compile(r"^(run|run: errors shown|not run: .+)$")
+
+
+def test_the_readme_is_a_front_page_of_at_most_180_lines():
+    assert len(README.read_text().splitlines()) <= README_MAX_LINES
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = README.read_text()
+    unlinked = [p.name for p in pages()[1:] if f"](docs/{p.name}" not in readme]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_and_anchor_resolves():
+    broken = []
+    for page in pages():
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", file.read_text(),
+                                                           flags=re.S | re.M), re.M)
+                if anchor not in {slug(h) for h in headings}:
+                    broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_blocks_that_cannot_run_here_are_marked_with_a_reason_and_listed(capsys):
+    """Every fence mark is one the runner knows; the blocks that do not run are printed with why."""
+    unknown, not_run = [], []
+    for page in pages():
+        for block in blocks(page):
+            if block.mark and not MARKS.match(block.mark):
+                unknown.append(f"{block.id}: <!-- {block.mark} -->")
+            if block.not_run_reason is not None:
+                not_run.append(f"{block.id}: {block.not_run_reason}")
+    assert not unknown, f"marks the docs test does not know: {unknown}"
+    with capsys.disabled():
+        print("\nblocks not run by the suite:\n  " + "\n  ".join(not_run))
+    assert all(reason.split(":", 1)[1].strip() for reason in not_run)
+    assert len(README_BLOCKS) >= 10  # the front page's tasks run, not only its first command
+
+
+def test_the_readme_test_command_is_the_one_ci_runs():
+    (suite,) = [b for b in blocks(README) if "pytest" in b.code]
+    ci = (ROOT / ".ci" / "run").read_text()
+    for command in suite.code.strip().split("&&"):
+        command = command.strip()
+        if command.startswith("pip install"):
+            assert re.search(r"pip install .*" + re.escape(command.split()[-1]), ci), command
+        else:
+            assert command in ci, command
+
+
+def write_photos(folder, per_class: int = 12):
+    """Two classes of small PNGs a CNN tells apart (`photos/` of the README's image task)."""
+    rng = np.random.default_rng(0)
+    for name, channel in (("cat", 0), ("dog", 2)):
+        (folder / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (40, 48, 3), dtype=np.uint8)
+            pixels[..., channel] += 160
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def readme_session(tmp_path_factory):
+    session = Session(tmp_path_factory.mktemp("readme"))
+    write_photos(session.workdir / "photos")
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def docs_sessions(tmp_path_factory):
+    sessions: dict[str, Session] = {}
+    yield lambda page: sessions.setdefault(page, Session(tmp_path_factory.mktemp("docs")))
+    for session in sessions.values():
+        session.close()
+
+
+def check_block(session: Session, block):
+    status, output = session.run(block)
+    if not block.errors_shown:
+        assert status == 0, f"{block.id} exited {status}:\n{output[-4000:]}"
+    missing = [e for e in block.expected if not printed(e, output)]
+    assert not missing, f"{block.id} did not print {missing}:\n{output[-4000:]}"
+
+
+@pytest.mark.parametrize("block", README_BLOCKS, ids=lambda b: b.id)
+def test_a_readme_block_runs_as_shown(readme_session, block):
+    check_block(readme_session, block)
+
+
+@pytest.mark.parametrize("block", DOCS_BLOCKS, ids=lambda b: b.id)
+def test_a_runnable_docs_block_runs_as_shown(docs_sessions, block):
+    check_block(docs_sessions(block.page), block)
+
+
+# Flags: every `python -m MODULE ... --flag` in the docs is one MODULE's --help lists.
+COMMAND = re.compile(r"(?<![\w-])-m ((?:training|service|benchmarks)\.[\w.]+)([^\n`|;&#]*)")  # python -m, torchrun -m
+
+
+def command_lines() -> list[tuple[str, str]]:
+    """(page, line) for every command in code blocks and inline code, continuations joined."""
+    found = []
+    for page in pages():
+        text = page.read_text().replace("\\\n", " ")
+        found += [(page.name, m[0]) for m in COMMAND.finditer(text)]
+    return found
+
+
+@cache
+def help_text(module: str, sub: str | None = None) -> str:
+    command = [sys.executable, "-m", module, *([sub] if sub else []), "--help"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(command[1:])} failed:\n{proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def flags(text: str) -> set[str]:
+    return {f.split("=")[0] for f in re.findall(r"(?<![\w-])--[a-z][\w-]*", text)}
+
+
+def test_the_flags_the_docs_name_are_the_ones_help_lists():
+    commands = [(page, m[1], m[2]) for page, line in command_lines() for m in [COMMAND.match(line)]]
+    modules = sorted({module for _, module, _ in commands})
+    with ThreadPoolExecutor(2) as pool:
+        helps = dict(zip(modules, pool.map(help_text, modules)))
+    unknown = []
+    for page, module, args in commands:
+        text = helps[module]
+        if (subs := re.search(r"\{([\w,-]+)\}", text)) and args.split()[:1] and \
+                args.split()[0] in subs[1].split(","):
+            text = help_text(module, args.split()[0])
+        unknown += [f"{page}: -m {module} {flag}" for flag in flags(args) - flags(text)]
+    # the README's prose names flags too: each must be one of its commands' programs' flags
+    readme = README.read_text()
+    prose = re.sub(r"^```.*?^```", "", readme, flags=re.S | re.M)
+    readme_modules = {m for page, m, _ in commands if page == "README.md"}
+    known = set().union(*(flags(helps[m]) for m in readme_modules))
+    known |= flags(" ".join(b.code for b in blocks(README)))  # torchrun's, pip's, bentoml's own
+    unknown += [f"README.md prose: {flag}" for flag in flags(prose) - known]
+    assert not unknown, "flags no --help lists:\n" + "\n".join(unknown)
