@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"(?:^<!-- (?P<mark>[^\n]*?) -->\n)?^```(?P<lang>[\w-]*)\n(?P<code>.*?)^```", re.S | re.M)
@@ -41,10 +42,9 @@ PRELUDE = r"""
 pip() { echo "(docs test: pip $* is not run here; .ci/run installed the project)"; }
 docs_stop_server() {
     if [ -f "$DOCS_STATE/server.pid" ]; then
-        pid=$(cat "$DOCS_STATE/server.pid"); rm -f "$DOCS_STATE/server.pid"
-        kill -TERM -- "-$pid" 2>/dev/null
-        for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-        kill -KILL -- "-$pid" 2>/dev/null || true
+        python -c "import sys; sys.path.insert(0, sys.argv[1]); from docs_blocks import stop_tree; \
+stop_tree(int(sys.argv[2]))" "$DOCS_TESTS" "$(cat "$DOCS_STATE/server.pid")"
+        rm -f "$DOCS_STATE/server.pid"
     fi
 }
 bentoml() {
@@ -109,6 +109,23 @@ def blocks(page: Path) -> list[Block]:
             for m in FENCE.finditer(text)]
 
 
+def stop_tree(pid: int, timeout_s: float = 30):
+    """Stop `bentoml serve` and its workers (circus starts each worker in a session of its own, so
+    a signal to the server's process group does not reach them)."""
+    try:
+        server = psutil.Process(pid)
+        processes = [server, *server.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    for process in psutil.wait_procs(processes, timeout=timeout_s)[1]:
+        process.kill()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,6 +148,7 @@ class Session:
                      if k not in ("MODEL_TAG", "NORMSERVE_ADMIN_TOKEN", "BENTOML_HOME")}
         self.env = {**inherited, "BENTOML_HOME": str(self.state / "bentoml"),
                     "BENTOML_PORT": str(self.port), "DOCS_STATE": str(self.state),
+                    "DOCS_TESTS": str(ROOT / "tests"),
                     "NORMSERVE_URL": f"http://127.0.0.1:{self.port}", "PYTHONUNBUFFERED": "1"}
 
     def run(self, block: Block, timeout_s: int = 900) -> tuple[int, str]:
@@ -152,10 +170,7 @@ class Session:
     def close(self):
         pid_file = self.state / "server.pid"
         if pid_file.exists():
-            try:
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+            stop_tree(int(pid_file.read_text()))
 
 
 def printed(expected: str, output: str) -> bool:
