@@ -36,7 +36,10 @@ FENCE = re.compile(r"(?:^<!-- (?P<mark>[^\n]*?) -->\n)?^```(?P<lang>[\w-]*)\n(?P
 RUNNABLE_LANGS = ("bash", "python")
 EXPECTED = re.compile(r"^\s*# => (.*)$", re.M)
 PORT_NAMES = re.compile(r"(localhost:|127\.0\.0\.1:|--port |http\.server )3000\b")
-SERVER_READY_S = 120
+SERVER_READY_S = 180
+# the developer's own settings would change what the blocks do: a reader starts without them
+SERVER_SETTINGS = ("MODEL_TAG", "NORMSERVE_", "BENTOML_", "DRIFT", "MAX_ROWS", "MAX_BODY_MB", "WORKERS",
+                   "ACCESS_LOG", "TRACING", "CUDA_VISIBLE_DEVICES")
 
 PRELUDE = r"""
 pip() { echo "(docs test: pip $* is not run here; .ci/run installed the project)"; }
@@ -144,8 +147,7 @@ class Session:
         for entry in sorted({path.split("/")[0] for path in tracked} - {"models"}):
             (workdir / entry).symlink_to(ROOT / entry)
         (self.state / "prelude.sh").write_text(PRELUDE)
-        inherited = {k: v for k, v in os.environ.items()
-                     if k not in ("MODEL_TAG", "NORMSERVE_ADMIN_TOKEN", "BENTOML_HOME")}
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_SETTINGS)}
         self.env = {**inherited, "BENTOML_HOME": str(self.state / "bentoml"),
                     "BENTOML_PORT": str(self.port), "DOCS_STATE": str(self.state),
                     "DOCS_TESTS": str(ROOT / "tests"),
@@ -163,9 +165,15 @@ class Session:
                           flags=re.M)
             strict = "" if block.errors_shown else "set -e -o pipefail\n"
             command = ["bash", "-c", f"source {self.state / 'prelude.sh'}\n{strict}{code}"]
-        proc = subprocess.run(command, cwd=self.workdir, env=self.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
-        return proc.returncode, proc.stdout
+        proc = subprocess.Popen(command, cwd=self.workdir, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_tree(proc.pid, timeout_s=5)  # and what it started (torchrun's ranks, ...)
+            output, _ = proc.communicate()
+            return -1, output + f"\n(timed out after {timeout_s} s)"
+        return proc.returncode, output
 
     def close(self):
         pid_file = self.state / "server.pid"

@@ -129,7 +129,7 @@ def test_a_runnable_docs_block_runs_as_shown(docs_sessions, block):
 
 
 # Flags: every `python -m MODULE ... --flag` in the docs is one MODULE's --help lists.
-COMMAND = re.compile(r"(?<![\w-])-m ((?:training|service|benchmarks)\.[\w.]+)([^\n`|;&#]*)")  # python -m, torchrun -m
+COMMAND = re.compile(r"(?<![\w-])-m\s+((?:training|service|benchmarks)\.[\w.]+)([^\n`|;&#]*)")  # python/torchrun
 
 
 def command_lines() -> list[tuple[str, str]]:
@@ -165,11 +165,31 @@ def test_the_flags_the_docs_name_are_the_ones_help_lists():
                 args.split()[0] in subs[1].split(","):
             text = help_text(module, args.split()[0])
         unknown += [f"{page}: -m {module} {flag}" for flag in flags(args) - flags(text)]
-    # the README's prose names flags too: each must be one of its commands' programs' flags
-    readme = README.read_text()
-    prose = re.sub(r"^```.*?^```", "", readme, flags=re.S | re.M)
-    readme_modules = {m for page, m, _ in commands if page == "README.md"}
-    known = set().union(*(flags(helps[m]) for m in readme_modules))
-    known |= flags(" ".join(b.code for b in blocks(README)))  # torchrun's, pip's, bentoml's own
-    unknown += [f"README.md prose: {flag}" for flag in flags(prose) - known]
+    # prose names flags too: each must be a flag of a program the docs run (ours, or torchrun's,
+    # bentoml's, pytest's as their commands in the docs show them)
+    subcommands = [(m, sub) for m, text in helps.items() if (subs := re.search(r"\{([\w,-]+)\}", text))
+                   for sub in subs[1].split(",")]
+    known = set().union(*(flags(text) for text in helps.values()),
+                        *(flags(help_text(m, sub)) for m, sub in subcommands))
+    known |= flags(" ".join(b.code for page in pages() for b in blocks(page)))
+    for page in pages():
+        prose = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        unknown += [f"{page.name} prose: {flag}" for flag in sorted(flags(prose) - known)]
     assert not unknown, "flags no --help lists:\n" + "\n".join(unknown)
+
+
+def test_every_error_the_docs_quote_is_one_the_code_prints():
+    """Every `error: ...` line the docs quote has four words in a row (three, for a shorter stretch
+    between the values it names) that the code's source has too, so a reworded message cannot leave
+    a stale quote behind. A quote with no such stretch ('... is empty') is too short to judge."""
+    source = " ".join(" ".join(p.read_text().split()) for d in ("training", "service")
+                      for p in (ROOT / d).rglob("*.py"))
+    stale = []
+    for page in pages():
+        for message in re.findall(r"(?:^|`|# => )error: ([^`\n]+)", page.read_text(), re.M):
+            runs = [run.split() for run in re.split(r"\S*(?:[\d'\"`=/]|\.\.\.|\w\.\w)\S*", message)]
+            windows = [" ".join(run[i:i + min(4, len(run))]) for run in runs if len(run) >= 3
+                       for i in range(len(run) - min(4, len(run)) + 1)]
+            if windows and not any(w in source for w in windows):
+                stale.append(f"{page.name}: error: {message[:80]}")
+    assert not stale, "quoted errors the code does not print:\n" + "\n".join(stale)
