@@ -149,6 +149,9 @@ def help_text(module: str, sub: str | None = None) -> str:
     return proc.stdout
 
 
+SUBCOMMANDS = r"\{([\w,-]+)\} \.\.\."  # argparse's usage shows subcommands as {a,b} ... (choices: {a,b})
+
+
 def flags(text: str) -> set[str]:
     return {f.split("=")[0] for f in re.findall(r"(?<![\w-])--[a-z][\w-]*", text)}
 
@@ -161,13 +164,13 @@ def test_the_flags_the_docs_name_are_the_ones_help_lists():
     unknown = []
     for page, module, args in commands:
         text = helps[module]
-        if (subs := re.search(r"\{([\w,-]+)\}", text)) and args.split()[:1] and \
+        if (subs := re.search(SUBCOMMANDS, text)) and args.split()[:1] and \
                 args.split()[0] in subs[1].split(","):
             text = help_text(module, args.split()[0])
         unknown += [f"{page}: -m {module} {flag}" for flag in flags(args) - flags(text)]
     # prose names flags too: each must be a flag of a program the docs run (ours, or torchrun's,
     # bentoml's, pytest's as their commands in the docs show them)
-    subcommands = [(m, sub) for m, text in helps.items() if (subs := re.search(r"\{([\w,-]+)\}", text))
+    subcommands = [(m, sub) for m, text in helps.items() if (subs := re.search(SUBCOMMANDS, text))
                    for sub in subs[1].split(",")]
     known = set().union(*(flags(text) for text in helps.values()),
                         *(flags(help_text(m, sub)) for m, sub in subcommands))
