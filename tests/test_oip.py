@@ -231,13 +231,13 @@ def test_schemathesis_over_the_protocol_finds_no_server_error(server, classifier
     (tmp_path / "oip.json").write_text(json.dumps(spec))
     st = shutil.which("st") or shutil.which("schemathesis")
     proc = subprocess.run(
-        [st, "run", str(tmp_path / "oip.json"), "--url", server, "--max-examples", "150",
+        [st, "run", str(tmp_path / "oip.json"), "--url", server, "--max-examples", "75",
          "--seed", "7", "--checks", "not_a_server_error,response_schema_conformance,"
                                     "status_code_conformance,content_type_conformance"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
     generated = re.search(r"(\d+) generated", proc.stdout)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert generated and int(generated.group(1)) >= 500, proc.stdout[-1000:]
+    assert generated and int(generated.group(1)) >= 800, proc.stdout[-1000:]
 
 
 def test_request_metrics_are_labelled_by_route_not_by_path(server, classifier):
