@@ -33,8 +33,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import bentoml_patches
-from service.middleware import BodyLimit, FastPredict, ImageUpload, OpenInference, chosen_model
 from service.loading import fail
+from service.middleware import BodyLimit, FastPredict, ImageUpload, OpenInference, chosen_model
 from service.oip import Protocol
 from service.port import check_port_free
 from service.registry import NotLoaded, Registry

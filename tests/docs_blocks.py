@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -129,16 +128,13 @@ def stop_tree(pid: int, timeout_s: float = 30):
         process.kill()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Session:
     """One page's blocks, run in order in one directory laid out like a fresh clone."""
 
     def __init__(self, workdir: Path):
+        # imported here, not at the top: the prelude imports this module to stop a server, and
+        # test_service's imports (torch) would cost every stop seconds
+        from test_service import free_port
         self.workdir, self.port = workdir, free_port()
         self.state = workdir / ".docs-test"
         self.state.mkdir(parents=True)
