@@ -159,8 +159,9 @@ def project_cli(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str,
         metric = score(task, labels(test[target]), labels(card["classes"])[out[1]])
     else:
         metric = score(task, test[target], out[0])
-    return {"metric": metric, "seconds": wall,
-            "train_seconds": card["training"]["seconds"], "epochs": card["training"]["epochs_run"]}
+    return {"metric": metric, "seconds": wall, "train_seconds": card["training"]["seconds"],
+            "epochs": card["training"]["epochs_run"],
+            "chosen": (card["training"].get("cross_validation") or {}).get("chosen")}
 
 
 def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, seed: int,
@@ -189,7 +190,8 @@ def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str
     else:
         metric = score(task, test[target], out.squeeze(-1).numpy() * data.y_scale + data.y_mean)
     return {"metric": metric, "seconds": time.perf_counter() - started,
-            "train_seconds": trained.progress.elapsed, "epochs": len(trained.progress.history)}
+            "train_seconds": trained.progress.elapsed, "epochs": len(trained.progress.history),
+            "chosen": (trained.cross_validation or {}).get("chosen")}
 
 
 def parse_settings(items: list[str]) -> dict:
@@ -236,7 +238,8 @@ def main() -> None:
                         project_cli(train, test, target, task, seed, options, Path(tmp)))
             runs.append({"table": name, "task": task, "rows": len(frame), "seed": seed,
                          "project": ours, **base})
-            print(f"  {name:<15} seed {seed}: project {ours['metric']:.4f} ({ours['seconds']:.1f} s), "
+            print(f"  {name:<15} seed {seed}: project {ours['metric']:.4f} ({ours['seconds']:.1f} s, "
+                  f"{ours['chosen'] or 'one candidate'}), "
                   f"hgb {base['hgb']['metric']:.4f}, linear {base['linear']['metric']:.4f}", flush=True)
     summary = summarize(runs)
     print_table(summary, settings, args.fast)

@@ -146,3 +146,46 @@ def test_two_torchrun_ranks_share_the_fitted_bins_and_write_one_model(tmp_path):
     card = json.loads((models[0].parent / "card.json").read_text())
     assert len(models) == 1 and card["training"]["distributed"]["world_size"] == 2
     assert card["parity"]["max_abs_diff"] < 1e-4 and card["normalization"]["embedding"]["method"] == "ple"
+
+
+# ---- --embedding auto: the folds judge the networks with and without the encoding ---------------
+
+def steps_table(n: int, seed: int) -> "pd.DataFrame":
+    """A regression with step-like effects (what trees and the encoding are good at) and a noise
+    column: y jumps at 0.25 and 0.6 of `a` and at the median of `b`."""
+    import pandas as pd
+    rng = np.random.default_rng(seed)
+    a, b, noise = rng.uniform(0, 1, n), rng.lognormal(0, 1, n), rng.normal(0, 1, n)
+    y = 3.0 * (a > 0.25) - 2.0 * (a > 0.6) + 2.0 * (b > 1.0) * (a > 0.4) + 0.3 * rng.normal(0, 1, n)
+    return pd.DataFrame({"a": a, "b": b, "noise": noise, "y": y})
+
+
+@pytest.mark.parametrize("table", ["steps", "linear"])
+def test_auto_exports_the_candidate_that_cross_validates_best_with_or_without_the_encoding(tmp_path, table):
+    frame = steps_table(1200, seed=4)
+    if table == "linear":  # a plain linear relation: nothing for the encoding to add
+        frame["y"] = frame["a"] + np.log(frame["b"]) + 0.5 * np.random.default_rng(5).normal(0, 1, len(frame))
+    path = tmp_path / "t.csv"
+    frame.to_csv(path, index=False)
+    result = run(quick_config(tmp_path, data=str(path), target="y", embedding="auto", folds=5,
+                              hidden=[32, 16], epochs=30, patience=6, store=False))
+    cv = result.card["training"]["cross_validation"]
+    candidates = cv["candidates"]
+    assert set(candidates) == {"network", "network + linear", "ple network", "ple network + linear", "linear"}
+    assert cv["metrics"] == candidates[cv["chosen"]]
+    assert all(candidates[cv["chosen"]]["rmse"] <= c["rmse"] for c in candidates.values())
+    encodes = any(isinstance(m, PiecewiseEncoding) for m in result.trained.net.modules())
+    assert encodes == cv["chosen"].startswith("ple") == ("embedding" in result.card["normalization"])
+    assert result.card["parity"]["max_abs_diff"] < 1e-4
+    if table == "steps":  # the steps: the encoded networks validate better than the plain ones
+        assert cv["chosen"].startswith("ple"), candidates
+    else:
+        assert not cv["chosen"].startswith("ple"), candidates
+
+
+def test_auto_without_folds_trains_the_plain_network(tmp_path):
+    path = tmp_path / "t.csv"
+    steps_table(600, seed=6).to_csv(path, index=False)
+    result = run(quick_config(tmp_path, data=str(path), target="y", embedding="auto", store=False))
+    assert result.card["config"]["embedding"] == "auto" and "embedding" not in result.card["normalization"]
+    assert not any(isinstance(m, PiecewiseEncoding) for m in result.trained.net.modules())

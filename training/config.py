@@ -68,8 +68,10 @@ class Config:
                            choices=tuple(NORMALIZERS))
     embedding: str = _opt("none", "tables: each normalized numeric feature encoded before the network: "
                                   "ple (piecewise-linear over --embedding-bins training-quantile bins; "
-                                  "better where trees win, slower to serve: docs/quality.md) or none",
-                          choices=("none", "ple"))
+                                  "better where trees win, slower to serve: docs/quality.md), none, or "
+                                  "auto (with --folds: networks bagged both ways, the one that "
+                                  "cross-validates better exported; without folds: none)",
+                          choices=("none", "ple", "auto"))
     embedding_bins: int = _opt(16, "--embedding ple: bins per feature (fewer where values tie)")
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
     hidden: list[int] = _opt((128, 64), "comma-separated hidden layer widths (tables); empty: a linear "
@@ -129,7 +131,7 @@ class Config:
         if self.is_images and NORMALIZERS[self.normalizer][1] is None:
             raise ConfigError(f"--normalizer {self.normalizer} is for tables; images take "
                               + ", ".join(m for m, (_, image) in NORMALIZERS.items() if image))
-        if self.is_images and self.embedding == "ple":
+        if self.is_images and self.embedding == "ple":  # auto: none
             raise ConfigError("--embedding is for tables")
         if not 2 <= self.embedding_bins <= 256:
             raise ConfigError("--embedding-bins must be between 2 and 256")
@@ -177,6 +179,13 @@ class Config:
             return self.folds
         plain = not (self.is_images or self.excludes_folds)
         return 5 if plain and rows <= AUTO_FOLDS_MAX_ROWS else 1
+
+    def embedding_for(self, folds: int) -> str:
+        """The encoding the normalizer fits: --embedding with auto settled (ple when the folds can
+        judge the networks with and without it, training/ensemble.py; else none)."""
+        if self.embedding != "auto":
+            return self.embedding
+        return "ple" if folds > 1 and not self.is_images else "none"
 
     def test_share(self, folds: int) -> float:
         """--test-size with auto settled: no test split when the networks are bagged over folds

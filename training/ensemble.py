@@ -15,6 +15,7 @@ one module, so the exported graph is one graph; the test split is held out from 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 
@@ -115,55 +116,75 @@ def train(cfg, data: Data, world: World, checkpoints: bool = True) -> engine.Tra
 
 def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     """k networks bagged over the folds. With --linear-candidate on a small enough table, k linear
-    models are bagged over the same folds first, and the export is whichever of three candidates
-    cross-validates best: the networks, the networks averaged with the linear models, or the
-    linear models. Each candidate is judged at its own best epochs, found on the same folds (for
-    the blend, the epoch where each network does best as half of it), so that no candidate's
-    figure is more optimistic than another's (docs/quality.md). Under torchrun, where the networks
-    train one at a time, the blend is judged with each network at its own best epoch."""
+    models are bagged over the same folds first, and beside the networks two more candidates are
+    judged: the networks averaged with the linear models, and the linear models alone. With
+    --embedding auto the networks are bagged twice, on the plain normalized features and on their
+    piecewise-linear encoding (each with its blend). The export is whichever candidate
+    cross-validates best; on a tie the plainer one (listed first). Each candidate is judged at its
+    own best epochs, found on the same folds (for a blend, the epoch where each network does best as
+    half of it), so that no candidate's figure is more optimistic than another's (docs/quality.md).
+    Under torchrun, where the networks train one at a time, a blend is judged with each network at
+    its own best epoch."""
     folds = fold_data(data, data.folds, cfg.seed, cfg.fold_repeats)
     pooled_rows = data.rows["train"] + data.rows["validation"]
-    if not (cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS
-            and data.table.modality != "image"):
-        return _bag(cfg, folds, world)[0]
-    linear, _ = _bag(dataclasses.replace(cfg, hidden=[], embedding="none"), folds, world)  # plain inputs
-    partner = None
-    if stacked.applies(folds[0], world):  # each linear model's outputs on its own fold
-        partner = [engine.predict(m, engine.tensors(f, "validation", "cpu")[0]).to(world.device)
-                   for m, f in zip(linear.net.members, folds)]
-    networks, blend = _bag(cfg, folds, world, partner)
+    embeddings = ("none", "ple") if cfg.embedding == "auto" else (cfg.embedding,)
+    linear = partner = None
+    if cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS \
+            and data.table.modality != "image":
+        linear, _ = _bag(dataclasses.replace(cfg, hidden=[], embedding="none"), folds, world)  # plain inputs
+        if stacked.applies(folds[0], world):  # each linear model's outputs on its own fold
+            partner = [engine.predict(m, engine.tensors(f, "validation", "cpu")[0]).to(world.device)
+                       for m, f in zip(linear.net.members, folds)]
+    candidates: dict[str, engine.Trained] = {}
+    for embedding in embeddings:
+        name = "network" if embedding == "none" else f"{embedding} network"
+        networks, blend = _bag(dataclasses.replace(cfg, embedding=embedding), folds, world, partner)
+        if world.main:
+            candidates[name] = networks
+            if linear is not None:
+                candidates[f"{name} + linear"] = _blended(networks, linear, blend, folds, data.table.task,
+                                                          cfg.fold_repeats)
     if not world.main:
         return None
+    if linear is not None:
+        candidates["linear"] = dataclasses.replace(
+            linear, members=[{**m, "linear": True} for m in linear.members])
+    if len(candidates) == 1:
+        return candidates["network" if "network" in candidates else next(iter(candidates))]
     task = data.table.task
-    if blend is None:  # under torchrun: each network at its own best epoch, with its linear model
+    chosen = next(iter(candidates))
+    for name, trained in candidates.items():
+        if engine.is_better(trained.cross_validation["metrics"],
+                            candidates[chosen].cross_validation["metrics"], task):
+            chosen = name
+    picked = candidates[chosen]
+    picked.progress.elapsed = sum(c.progress.elapsed for n, c in candidates.items() if "+" not in n)
+    picked.cross_validation = {**picked.cross_validation, "chosen": chosen, "candidates": {
+        name: c.cross_validation["metrics"] for name, c in candidates.items()}}
+    return picked
+
+
+def _blended(networks: engine.Trained, linear: engine.Trained, blend: dict | None, folds: list[Data],
+             task: str, repeats: int) -> engine.Trained:
+    """The networks averaged with the linear models, each network at its best epoch in the blend
+    (stacked.train found them; under torchrun, at its own best epoch): a candidate."""
+    if blend is None:
         blend = {"members": [engine.evaluate(Ensemble([n, m]), *engine.tensors(f, "validation", "cpu"),
                                              task, f.y_mean, f.y_scale)
                              for n, m, f in zip(networks.net.members, linear.net.members, folds)]}
+    members = [dict(m) for m in networks.members]
+    nets = networks.net.members
+    if "states" in blend:  # each network at its best epoch in the blend: a copy, the bag stays as it was
+        nets = [copy.deepcopy(n) for n in nets]
+        for net, state, member, epoch, metrics in zip(nets, blend["states"], members, blend["epochs"],
+                                                      blend["members"]):
+            net.load_state_dict({**net.state_dict(), **state})
+            member.update(best_epoch=epoch, validation=metrics, validation_in="the blend")
     both = cross_validation([{"validation_rows": len(f.split.y_val), "validation": v}
-                             for v, f in zip(blend["members"], folds)], cfg.fold_repeats)
-    candidates = {"network": networks.cross_validation["metrics"], "network + linear": both["metrics"],
-                  "linear": linear.cross_validation["metrics"]}
-    chosen = "network"
-    for name in ("network + linear", "linear"):
-        if engine.is_better(candidates[name], candidates[chosen], task):
-            chosen = name
-    seconds = networks.progress.elapsed + linear.progress.elapsed
-    if chosen == "network + linear":
-        if "states" in blend:  # each network at its best epoch in the blend
-            for net, state, member, epoch, metrics in zip(networks.net.members, blend["states"],
-                                                          networks.members, blend["epochs"],
-                                                          blend["members"]):
-                net.load_state_dict({**net.state_dict(), **state})
-                member.update(best_epoch=epoch, validation=metrics, validation_in="the blend")
-        networks.net = Ensemble([networks.net, linear.net]).eval()
-        networks.members += [{**m, "linear": True} for m in linear.members]
-        networks.cross_validation = both
-    if chosen == "linear":
-        linear.members = [{**m, "linear": True} for m in linear.members]
-    picked = linear if chosen == "linear" else networks
-    picked.progress.elapsed = seconds
-    picked.cross_validation = {**picked.cross_validation, "candidates": candidates, "chosen": chosen}
-    return picked
+                             for v, f in zip(blend["members"], folds)], repeats)
+    return dataclasses.replace(networks, net=Ensemble([Ensemble(nets).eval(), linear.net]).eval(),
+                               members=members + [{**m, "linear": True} for m in linear.members],
+                               cross_validation=both)
 
 
 def _bag(cfg, folds: list[Data], world: World, partner: list[torch.Tensor] | None = None

@@ -11,6 +11,7 @@ import numpy as np
 from training import drift
 from training.contract import INPUTS, OUTPUTS, SCHEMA_VERSION
 from training.engine import monitor
+from training.layers import PiecewiseEncoding
 
 
 def library_versions() -> dict[str, str]:
@@ -25,6 +26,9 @@ def model_metadata(cfg, data, trained, metrics: dict) -> dict:
     """What the ONNX file says about itself (training/contract.py)."""
     table = data.table
     image = table.modality == "image"
+    normalization = data.normalizer.metadata()
+    if not any(isinstance(m, PiecewiseEncoding) for m in trained.net.modules()):
+        normalization["normalization"].pop("embedding", None)  # --embedding auto chose the plain networks
     return {
         "schema_version": SCHEMA_VERSION, "name": cfg.model_name, "version": trained.version,
         "model": f"{cfg.model_name}:{trained.version}", "task": table.task, "modality": table.modality,
@@ -34,7 +38,7 @@ def model_metadata(cfg, data, trained, metrics: dict) -> dict:
                   "width": int(table.X.shape[3]), "resize": table.resize,
                   **({"fit": "crop"} if table.resize else {})} if image else None,
         "columns": None,
-        **data.normalizer.metadata(),  # "normalization", and for mixed tables "columns"
+        **normalization,  # "normalization", and for mixed tables "columns"
         # The file's columns the model does not take, and why: a request may carry them.
         "left_out": table.left_out,
         "target_normalization": (None if table.task == "classification"
@@ -120,7 +124,7 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
                      "on its own fold)"))
         if others := cv.get("candidates"):
             rows.append(("chosen", f"{cv['chosen']} (cross-val. {metric}: " + ", ".join(
-                f"{name} {v[metric]:.4f}" for name, v in others.items()) + "; --linear-candidate)"))
+                f"{name} {v[metric]:.4f}" for name, v in others.items()) + ")"))
     if d := t.get("distributed"):
         rows.append(("processes", f"{d['world_size']} ranks ({d['backend']}), {d['batch_per_rank']} "
                                   "rows per rank per step"))
