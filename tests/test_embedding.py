@@ -183,9 +183,12 @@ def test_auto_exports_the_candidate_that_cross_validates_best_with_or_without_th
         assert not cv["chosen"].startswith("ple"), candidates
 
 
-def test_auto_without_folds_trains_the_plain_network(tmp_path):
+@pytest.mark.parametrize("embedding", ["auto", "none"])
+def test_without_folds_auto_trains_the_encoded_network_and_none_the_plain_one(tmp_path, embedding):
     path = tmp_path / "t.csv"
     steps_table(600, seed=6).to_csv(path, index=False)
-    result = run(quick_config(tmp_path, data=str(path), target="y", embedding="auto", store=False))
-    assert result.card["config"]["embedding"] == "auto" and "embedding" not in result.card["normalization"]
-    assert not any(isinstance(m, PiecewiseEncoding) for m in result.trained.net.modules())
+    result = run(quick_config(tmp_path, data=str(path), target="y", embedding=embedding, store=False))
+    encodes = any(isinstance(m, PiecewiseEncoding) for m in result.trained.net.modules())
+    assert result.card["config"]["embedding"] == embedding
+    assert encodes == (embedding == "auto") == ("embedding" in result.card["normalization"])
+    assert result.card["parity"]["max_abs_diff"] < 1e-4

@@ -400,7 +400,7 @@ def test_the_linear_candidate_the_blend_or_the_networks_whichever_cross_validate
     path = tmp_path / "linear.csv"
     frame.to_csv(path, index=False)
     table = dict(data=str(path), target="y", task="regression", folds=3, epochs=60, patience=10,
-                 normalizer="standard", store=False)
+                 normalizer="standard", embedding="none", store=False)  # auto: test_embedding.py
     result = run(quick_config(tmp_path, **table))
     cv = result.card["training"]["cross_validation"]
     candidates = cv["candidates"]

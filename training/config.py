@@ -66,11 +66,11 @@ class Config:
                                    "(median and IQR, outliers smoothly clipped) or none; auto is "
                                    "quantile for tables and standard (per channel) for images",
                            choices=tuple(NORMALIZERS))
-    embedding: str = _opt("none", "tables: each normalized numeric feature encoded before the network: "
+    embedding: str = _opt("auto", "tables: each normalized numeric feature encoded before the network: "
                                   "ple (piecewise-linear over --embedding-bins training-quantile bins; "
                                   "better where trees win, slower to serve: docs/quality.md), none, or "
-                                  "auto (with --folds: networks bagged both ways, the one that "
-                                  "cross-validates better exported; without folds: none)",
+                                  "auto (with --folds: the networks bagged both ways, the candidate "
+                                  "that cross-validates best exported; without folds: ple; images: none)",
                           choices=("none", "ple", "auto"))
     embedding_bins: int = _opt(16, "--embedding ple: bins per feature (fewer where values tie)")
     batchnorm: bool = _opt(True, "BatchNorm1d between each Linear and its ReLU")
@@ -181,11 +181,13 @@ class Config:
         return 5 if plain and rows <= AUTO_FOLDS_MAX_ROWS else 1
 
     def embedding_for(self, folds: int) -> str:
-        """The encoding the normalizer fits: --embedding with auto settled (ple when the folds can
-        judge the networks with and without it, training/ensemble.py; else none)."""
+        """The encoding the normalizer fits: --embedding with auto settled. Tables: ple (with
+        folds, training/ensemble.py bags the networks with and without it and exports the better;
+        without folds, the networks take it: the tables without folds are the large ones, where it
+        paid on each of the suite's, docs/quality.md). Images: none."""
         if self.embedding != "auto":
             return self.embedding
-        return "ple" if folds > 1 and not self.is_images else "none"
+        return "none" if self.is_images else "ple"
 
     def test_share(self, folds: int) -> float:
         """--test-size with auto settled: no test split when the networks are bagged over folds

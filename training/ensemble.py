@@ -127,7 +127,8 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     its own best epoch."""
     folds = fold_data(data, data.folds, cfg.seed, cfg.fold_repeats)
     pooled_rows = data.rows["train"] + data.rows["validation"]
-    embeddings = ("none", "ple") if cfg.embedding == "auto" else (cfg.embedding,)
+    both_ways = cfg.embedding == "auto" and data.table.modality != "image"
+    embeddings = ("none", "ple") if both_ways else (cfg.embedding,)
     linear = partner = None
     if cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS \
             and data.table.modality != "image":

@@ -123,7 +123,7 @@ def build_network(cfg, modality: str, n_inputs: int, n_outputs: int, normalize: 
         return ConvNet(n_inputs, n_outputs, cfg.channels, cfg.batchnorm, cfg.dropout, normalize,
                        cfg.augment)
     return TabularNet(n_inputs, n_outputs, cfg.hidden, cfg.batchnorm, cfg.dropout, normalize,
-                      cfg.linear_skip, embed if cfg.embedding == "ple" else None)
+                      cfg.linear_skip, embed if cfg.embedding != "none" else None)
 
 
 def serving_model(net: nn.Module, task: str, y_mean: float = 0.0, y_scale: float = 1.0) -> nn.Module:
