@@ -78,7 +78,8 @@ def in_memory_on_the_scans_training_rows(cfg, **forced):
 @pytest.mark.parametrize("forced", [{}, {"categorical": ["age"], "numeric": ["store"], "drop": ["flat"]}])
 def test_the_scan_prepares_the_table_as_a_fit_in_memory(files, tmp_path, fmt, forced):
     frame, paths = files
-    cfg = quick_config(tmp_path, data=str(paths[fmt]), target="spent", stream=True, chunk_rows=250, **forced)
+    cfg = quick_config(tmp_path, data=str(paths[fmt]), target="spent", stream=True, chunk_rows=250,
+                       embedding="none", **forced)  # the encoding's bins: test_embedding.py
     s, streamed_notes = notes_of(lambda: stream.scan(cfg))
     table, notes, reference, _ = in_memory_on_the_scans_training_rows(
         cfg, categorical=forced.get("categorical"), numeric=forced.get("numeric"))
