@@ -180,7 +180,7 @@ class Config:
         plain = not (self.is_images or self.excludes_folds)
         return 5 if plain and rows <= AUTO_FOLDS_MAX_ROWS else 1
 
-    def embedding_for(self, folds: int) -> str:
+    def fitted_embedding(self) -> str:
         """The encoding the normalizer fits: --embedding with auto settled. Tables: ple (with
         folds, training/ensemble.py bags the networks with and without it and exports the better;
         without folds, the networks take it: the tables without folds are the large ones, where it

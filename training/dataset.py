@@ -57,7 +57,7 @@ def prepare(cfg, world: World, table: Table | None = None) -> Data:
     # With --folds the networks train on the validation rows too (all folds but one each).
     fitted_on = pooled(split) if folds > 1 else split
     normalizer = world.share(lambda: make_normalizer(cfg.normalizer, table.modality, table.columns,
-                                                             cfg.embedding_for(folds), cfg.embedding_bins)
+                                                             cfg.fitted_embedding(), cfg.embedding_bins)
                              .fit(fitted_on.X_train))
     rows = {name: len(getattr(split, f"y_{key}")) for name, key in SPLITS.items()}
     y_scaling = StandardScaling().fit(fitted_on.y_train[:, None]) if table.task == "regression" else None

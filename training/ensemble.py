@@ -127,39 +127,39 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     its own best epoch."""
     folds = fold_data(data, data.folds, cfg.seed, cfg.fold_repeats)
     pooled_rows = data.rows["train"] + data.rows["validation"]
-    both_ways = cfg.embedding == "auto" and data.table.modality != "image"
-    embeddings = ("none", "ple") if both_ways else (cfg.embedding,)
+    tabular, task = data.table.modality != "image", data.table.task
+    embeddings = ("none", "ple") if cfg.embedding == "auto" and tabular else (cfg.embedding,)
     linear = partner = None
-    if cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS \
-            and data.table.modality != "image":
+    if cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS and tabular:
         linear, _ = _bag(dataclasses.replace(cfg, hidden=[], embedding="none"), folds, world)  # plain inputs
         if stacked.applies(folds[0], world):  # each linear model's outputs on its own fold
             partner = [engine.predict(m, engine.tensors(f, "validation", "cpu")[0]).to(world.device)
                        for m, f in zip(linear.net.members, folds)]
     candidates: dict[str, engine.Trained] = {}
+    seconds = 0.0  # every bag's training
     for embedding in embeddings:
         name = "network" if embedding == "none" else f"{embedding} network"
         networks, blend = _bag(dataclasses.replace(cfg, embedding=embedding), folds, world, partner)
         if world.main:
-            candidates[name] = networks
+            candidates[name], seconds = networks, seconds + networks.progress.elapsed
             if linear is not None:
-                candidates[f"{name} + linear"] = _blended(networks, linear, blend, folds, data.table.task,
+                candidates[f"{name} + linear"] = _blended(networks, linear, blend, folds, task,
                                                           cfg.fold_repeats)
     if not world.main:
         return None
     if linear is not None:
         candidates["linear"] = dataclasses.replace(
             linear, members=[{**m, "linear": True} for m in linear.members])
+        seconds += linear.progress.elapsed
     if len(candidates) == 1:
-        return candidates["network" if "network" in candidates else next(iter(candidates))]
-    task = data.table.task
+        return candidates[name]
     chosen = next(iter(candidates))
     for name, trained in candidates.items():
         if engine.is_better(trained.cross_validation["metrics"],
                             candidates[chosen].cross_validation["metrics"], task):
             chosen = name
     picked = candidates[chosen]
-    picked.progress.elapsed = sum(c.progress.elapsed for n, c in candidates.items() if "+" not in n)
+    picked.progress.elapsed = seconds
     picked.cross_validation = {**picked.cross_validation, "chosen": chosen, "candidates": {
         name: c.cross_validation["metrics"] for name, c in candidates.items()}}
     return picked

@@ -184,7 +184,7 @@ def scan(cfg, world_size: int = 1) -> Scan:
 def normalizer_for(cfg, columns: list[dict] | None) -> Normalizer:
     """An unfitted normalizer for a numeric (columns None) or a mixed table."""
     return make_normalizer(cfg.normalizer, "mixed" if columns else "table", columns,
-                           cfg.embedding_for(folds=1), cfg.embedding_bins)
+                           cfg.fitted_embedding(), cfg.embedding_bins)
 
 
 class ShuffleBuffer:
