@@ -161,7 +161,8 @@ def project_cli(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str,
         metric = score(task, test[target], out[0])
     return {"metric": metric, "seconds": wall, "train_seconds": card["training"]["seconds"],
             "epochs": card["training"]["epochs_run"],
-            "chosen": (card["training"].get("cross_validation") or {}).get("chosen")}
+            "chosen": (card["training"].get("cross_validation") or {}).get("chosen"),
+            "encoding": (card["training"].get("cross_validation") or {}).get("encoding")}
 
 
 def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, seed: int,
@@ -191,7 +192,8 @@ def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str
         metric = score(task, test[target], out.squeeze(-1).numpy() * data.y_scale + data.y_mean)
     return {"metric": metric, "seconds": time.perf_counter() - started,
             "train_seconds": trained.progress.elapsed, "epochs": len(trained.progress.history),
-            "chosen": (trained.cross_validation or {}).get("chosen")}
+            "chosen": (trained.cross_validation or {}).get("chosen"),
+            "encoding": (trained.cross_validation or {}).get("encoding")}
 
 
 def parse_settings(items: list[str]) -> dict:

@@ -21,12 +21,14 @@ def encode(module, X) -> np.ndarray:
 
 def test_a_value_is_ones_below_its_bin_its_fraction_in_it_and_zeros_above():
     ple = PiecewiseEncoding([np.array([0.0, 1.0, 3.0, 4.0]), np.array([5.0])])  # 3 bins; a constant feature
-    got = encode(ple, [[2.0, 5.0], [-1.0, 6.0], [9.0, 5.0], [1.0, 4.0]])
-    np.testing.assert_allclose(got[0], [1, 0.5, 0, 0, 0, 0])      # 2.0: past bin 1, half through bin 2
-    np.testing.assert_allclose(got[1], [-1, 0, 0, 1, 0, 0])       # below the first edge: linear, below 0
-    np.testing.assert_allclose(got[2], [1, 1, 6, 0, 0, 0])        # above the last edge: linear, above 1
-    np.testing.assert_allclose(got[3, :3], [1, 0, 0])             # an edge belongs to the bin above
+    got = encode(ple, [[2.0, 5.0], [-1.0, 6.0], [9.0, 5.0], [1.0, 4.0]])  # 3 + 1 numbers a row
+    np.testing.assert_allclose(got[0], [1, 0.5, 0, 0])      # 2.0: past bin 1, half through bin 2
+    np.testing.assert_allclose(got[1], [-1, 0, 0, 1])       # below the first edge: linear, below 0
+    np.testing.assert_allclose(got[2], [1, 1, 6, 0])        # above the last edge: linear, above 1
+    np.testing.assert_allclose(got[3, :3], [1, 0, 0])       # an edge belongs to the bin above
     assert got[3, 3] == -1  # the constant feature: x - its value
+    # a mixed table's other columns pass through after the encoded ones
+    np.testing.assert_allclose(encode(ple, [[2.0, 5.0, 7.0, 0.0]]), [[1, 0.5, 0, 0, 7, 0]])
 
 
 def test_the_bins_come_from_the_normalized_training_rows_only():
@@ -43,6 +45,7 @@ def test_the_bins_come_from_the_normalized_training_rows_only():
     # ties (a feature of a few values) merge into fewer real bins
     few = Embedded(QuantileNormal(), bins=16).fit(np.repeat([[1.0], [2.0], [3.0]], 50, axis=0))
     assert len(few.edges_[0]) <= 4
+    assert encode(few.embedding_module(), [[0.0]]).shape == (1, len(few.edges_[0]) - 1)  # no empty bins
 
 
 @pytest.mark.parametrize("extra", [{}, {"folds": 5}, {"hidden": []}])
@@ -173,7 +176,15 @@ def test_auto_exports_the_candidate_that_cross_validates_best_with_or_without_th
     candidates = cv["candidates"]
     assert set(candidates) == {"network", "network + linear", "ple network", "ple network + linear", "linear"}
     assert cv["metrics"] == candidates[cv["chosen"]]
-    assert all(candidates[cv["chosen"]]["rmse"] <= c["rmse"] for c in candidates.values())
+    # The best of the plain candidates or the best of the encoded ones; the encoded one only where
+    # its gain over the plain one, per fold, is more than one standard error.
+    e = cv["encoding"]
+    for kind in ("plain", "encoded"):
+        same = [c for name, c in candidates.items() if name.startswith("ple") == (kind == "encoded")]
+        assert all(candidates[e[kind]]["rmse"] <= c["rmse"] for c in same)
+    assert cv["chosen"] == (e["encoded"] if e["gain"] > e["se"] else e["plain"])
+    assert e["gain"] == pytest.approx(candidates[e["plain"]]["rmse"] - candidates[e["encoded"]]["rmse"],
+                                      abs=1e-3)  # (folds of nearly equal size: about their mean)
     encodes = any(isinstance(m, PiecewiseEncoding) for m in result.trained.net.modules())
     assert encodes == cv["chosen"].startswith("ple") == ("embedding" in result.card["normalization"])
     assert result.card["parity"]["max_abs_diff"] < 1e-4

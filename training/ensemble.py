@@ -120,7 +120,8 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     judged: the networks averaged with the linear models, and the linear models alone. With
     --embedding auto the networks are bagged twice, on the plain normalized features and on their
     piecewise-linear encoding (each with its blend). The export is whichever candidate
-    cross-validates best; on a tie the plainer one (listed first). Each candidate is judged at its
+    cross-validates best (on a tie the plainer one, listed first), an encoded one only where it
+    beats the best plain one by more than the folds' noise (_choice). Each candidate is judged at its
     own best epochs, found on the same folds (for a blend, the epoch where each network does best as
     half of it), so that no candidate's figure is more optimistic than another's (docs/quality.md).
     Under torchrun, where the networks train one at a time, a blend is judged with each network at
@@ -153,16 +154,44 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
         seconds += linear.progress.elapsed
     if len(candidates) == 1:
         return candidates[name]
-    chosen = next(iter(candidates))
-    for name, trained in candidates.items():
-        if engine.is_better(trained.cross_validation["metrics"],
-                            candidates[chosen].cross_validation["metrics"], task):
-            chosen = name
+    chosen, encoding = _choice(candidates, task, len(folds))
     picked = candidates[chosen]
     picked.progress.elapsed = seconds
     picked.cross_validation = {**picked.cross_validation, "chosen": chosen, "candidates": {
-        name: c.cross_validation["metrics"] for name, c in candidates.items()}}
+        name: c.cross_validation["metrics"] for name, c in candidates.items()},
+        **({"encoding": encoding} if encoding else {})}
     return picked
+
+
+def _best(names: list[str], candidates: dict[str, engine.Trained], task: str) -> str:
+    """The candidate that cross-validates best; on a tie the plainer (listed first)."""
+    best = names[0]
+    for name in names[1:]:
+        if engine.is_better(candidates[name].cross_validation["metrics"],
+                            candidates[best].cross_validation["metrics"], task):
+            best = name
+    return best
+
+
+def _choice(candidates: dict[str, engine.Trained], task: str, n_folds: int) -> tuple[str, dict | None]:
+    """The best plain candidate, unless the best encoded one beats it on the folds by more than one
+    standard error of their per-fold difference (the one-standard-error rule: Hastie, Tibshirani,
+    Friedman, The Elements of Statistical Learning, 7.10). An encoded network costs several times
+    a plain one to serve (docs/benchmarks.md, section 12), so a gain within the folds' noise does
+    not buy it. Returns the name and, where both kinds were judged, the encoded one's gain per fold
+    and its standard error (in the monitored metric, positive: the encoded one is better)."""
+    plain = [n for n in candidates if not n.startswith("ple")]
+    encoded = [n for n in candidates if n.startswith("ple")]
+    if not encoded or not plain:
+        return _best(list(candidates), candidates, task), None
+    p, e = _best(plain, candidates, task), _best(encoded, candidates, task)
+    metric, higher = engine.monitor(task)
+    # members[i]: fold i's network (in a blend, its figure as half of the blend), or linear model
+    diff = np.array([b["validation"][metric] - a["validation"][metric] for a, b in
+                     zip(candidates[p].members[:n_folds], candidates[e].members[:n_folds])])
+    diff = diff if higher else -diff
+    gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    return (e if gain > se else p), {"encoded": e, "plain": p, "gain": gain, "se": se}
 
 
 def _blended(networks: engine.Trained, linear: engine.Trained, blend: dict | None, folds: list[Data],
@@ -173,14 +202,14 @@ def _blended(networks: engine.Trained, linear: engine.Trained, blend: dict | Non
         blend = {"members": [engine.evaluate(Ensemble([n, m]), *engine.tensors(f, "validation", "cpu"),
                                              task, f.y_mean, f.y_scale)
                              for n, m, f in zip(networks.net.members, linear.net.members, folds)]}
-    members = [dict(m) for m in networks.members]
+    members = [{**m, "validation": metrics, "validation_in": "the blend"}
+               for m, metrics in zip(networks.members, blend["members"])]
     nets = networks.net.members
     if "states" in blend:  # each network at its best epoch in the blend: a copy, the bag stays as it was
         nets = [copy.deepcopy(n) for n in nets]
-        for net, state, member, epoch, metrics in zip(nets, blend["states"], members, blend["epochs"],
-                                                      blend["members"]):
+        for net, state, member, epoch in zip(nets, blend["states"], members, blend["epochs"]):
             net.load_state_dict({**net.state_dict(), **state})
-            member.update(best_epoch=epoch, validation=metrics, validation_in="the blend")
+            member["best_epoch"] = epoch
     both = cross_validation([{"validation_rows": len(f.split.y_val), "validation": v}
                              for v, f in zip(blend["members"], folds)], repeats)
     return dataclasses.replace(networks, net=Ensemble([Ensemble(nets).eval(), linear.net]).eval(),

@@ -84,29 +84,32 @@ class PiecewiseLinear(nn.Module):
 
 
 class PiecewiseEncoding(nn.Module):
-    """Each of the first `len(edges)` columns as T numbers, its piecewise-linear encoding (PLE;
-    Gorishniy, Rubachev, Babenko, NeurIPS 2022) over bins [e_t, e_t+1) fitted on training values:
-    1 for a bin below the value, 0 for one above it, the fraction of the bin for the value's own,
-    the first bin extended below and the last above (linear there). Other columns (a mixed
+    """Each of the first `len(edges)` columns as its piecewise-linear encoding (PLE; Gorishniy,
+    Rubachev, Babenko, NeurIPS 2022) over bins [e_t, e_t+1) fitted on training values: 1 for a bin
+    below the value, 0 for one above it, the fraction of the bin for the value's own, the first bin
+    extended below and the last above (linear there). A feature has as many numbers as it has real
+    bins (len(e) - 1: fewer where training values tie; a constant feature one, x - its value), so a
+    column of a few values costs the first layer no more than it needs. Other columns (a mixed
     table's one-hot ones) pass through after them. Fixed buffers: plain graph arithmetic."""
 
     def __init__(self, edges: list[np.ndarray]):
         super().__init__()
-        bins = max(max(len(e) - 1 for e in edges), 1)
-        left, width = np.zeros((len(edges), bins)), np.ones((len(edges), bins))
-        low, high = np.zeros((len(edges), bins)), np.zeros((len(edges), bins))  # padded bins: always 0
+        feature, left, width, low, high = [], [], [], [], []
         for f, e in enumerate(edges):
-            m = max(len(e) - 1, 1)  # a constant feature: one bin, x - e_0
-            left[f, :m], low[f, :m], high[f, :m] = e[:m], 0.0, 1.0
-            if len(e) > 1:
-                width[f, :m] = np.diff(e)
-            low[f, 0], high[f, m - 1] = -np.inf, np.inf
-        for name, value in (("left", left), ("width", width), ("low", low), ("high", high)):
-            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
+            m = max(len(e) - 1, 1)
+            feature += [f] * m
+            left += list(e[:m])
+            width += list(np.diff(e)) if len(e) > 1 else [1.0]
+            low += [-np.inf] + [0.0] * (m - 1)
+            high += [1.0] * (m - 1) + [np.inf]
+        self.register_buffer("feature", torch.as_tensor(feature, dtype=torch.long))  # each bin's column
+        self.register_buffer("left", torch.as_tensor(left, dtype=torch.float32))
+        self.register_buffer("inv_width", 1 / torch.as_tensor(width, dtype=torch.float64).float())
+        self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32))
+        self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32))
         self.n = len(edges)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., columns] (stacked members: [k, rows, columns])
-        numeric = x[..., :self.n, None] if self.n < x.shape[-1] else x[..., None]
-        encoded = torch.minimum(torch.maximum((numeric - self.left) / self.width, self.low), self.high)
-        encoded = encoded.flatten(-2)
+        values = x.index_select(-1, self.feature)  # each bin's column (one Gather)
+        encoded = torch.minimum(torch.maximum((values - self.left) * self.inv_width, self.low), self.high)
         return encoded if self.n == x.shape[-1] else torch.cat([encoded, x[..., self.n:]], dim=-1)
