@@ -136,6 +136,24 @@ def test_the_suites_tables_where_trees_win_load_with_their_targets():
         assert infer_task(frame[target].dropna()) in ("classification", "regression")
 
 
+def test_two_benchmark_runs_compare_table_by_table_against_the_first_runs_noise():
+    """benchmarks/quality_compare.py: the change, the first run's standard error, the gaps."""
+    from benchmarks.quality_compare import compare, markdown
+
+    def run(table, seed, project, chosen=None):
+        return {"table": table, "seed": seed, "project": {"metric": project, "chosen": chosen},
+                "hgb": {"metric": 0.5}, "linear": {"metric": 0.4}}
+    before = {"t": [run("t", s, m) for s, m in enumerate([0.40, 0.50, 0.60])]}
+    after = {"t": [run("t", s, m, c) for s, (m, c) in enumerate([(0.50, "ple network"), (0.50, "network"),
+                                                                  (0.50, "ple network")])]}
+    (row,) = compare(before, after)
+    assert row["before"] == pytest.approx(0.5) and row["change"] == pytest.approx(0.0, abs=1e-12)
+    assert row["se"] == pytest.approx(0.1 / np.sqrt(3))  # std 0.1 over 3 seeds
+    assert row["gap_before"] == pytest.approx(0.0) and row["chosen"] == {"ple network": 2, "network": 1}
+    after["t"][0]["project"]["metric"] = 0.2  # mean 0.4: a loss of 0.1, 1.7 se
+    assert "-0.1000 (1.7 se)" in markdown(compare(before, after))
+
+
 def test_two_torchrun_ranks_share_the_fitted_bins_and_write_one_model(tmp_path):
     import json
 
