@@ -90,7 +90,11 @@ class PiecewiseEncoding(nn.Module):
     extended below and the last above (linear there). A feature has as many numbers as it has real
     bins (len(e) - 1: fewer where training values tie; a constant feature one, x - its value), so a
     column of a few values costs the first layer no more than it needs. Other columns (a mixed
-    table's one-hot ones) pass through after them. Fixed buffers: plain graph arithmetic."""
+    table's one-hot ones) pass through after them. Fixed buffers: plain graph arithmetic.
+
+    Each bin's (x - e_t) / width is one matrix product, x @ spread + shift (spread: [columns, bins],
+    each bin's 1 / width in its column's row): in onnxruntime a Gemm, where fetching each bin's
+    column with a Gather took 0.45 ms for 1000 rows of 9 columns (2026-12-07)."""
 
     def __init__(self, edges: list[np.ndarray]):
         super().__init__()
@@ -102,14 +106,15 @@ class PiecewiseEncoding(nn.Module):
             width += list(np.diff(e)) if len(e) > 1 else [1.0]
             low += [-np.inf] + [0.0] * (m - 1)
             high += [1.0] * (m - 1) + [np.inf]
-        self.register_buffer("feature", torch.as_tensor(feature, dtype=torch.long))  # each bin's column
-        self.register_buffer("left", torch.as_tensor(left, dtype=torch.float32))
-        self.register_buffer("inv_width", 1 / torch.as_tensor(width, dtype=torch.float64).float())
-        self.register_buffer("low", torch.as_tensor(low, dtype=torch.float32))
-        self.register_buffer("high", torch.as_tensor(high, dtype=torch.float32))
+        inv_width = 1 / np.asarray(width, dtype=np.float64)
+        spread = np.zeros((len(edges), len(feature)))
+        spread[feature, np.arange(len(feature))] = inv_width
+        for name, value in (("spread", spread), ("shift", -np.asarray(left) * inv_width),
+                            ("low", low), ("high", high)):
+            self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32))
         self.n = len(edges)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., columns] (stacked members: [k, rows, columns])
-        values = x.index_select(-1, self.feature)  # each bin's column (one Gather)
-        encoded = torch.minimum(torch.maximum((values - self.left) * self.inv_width, self.low), self.high)
+        numeric = x if self.n == x.shape[-1] else x[..., :self.n]
+        encoded = torch.minimum(torch.maximum(numeric @ self.spread + self.shift, self.low), self.high)
         return encoded if self.n == x.shape[-1] else torch.cat([encoded, x[..., self.n:]], dim=-1)
