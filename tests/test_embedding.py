@@ -62,6 +62,12 @@ def test_a_numeric_model_with_the_embedding_exports_with_parity_on_outliers(tmp_
         reference = trained_on_outliers_answers_as_torch(tmp_path / "none", embedding="none", **extra)
         plain = [n.op_type for n in onnx.load(str(reference.model_dir / "model.onnx")).graph.node]
         assert ops.count("Max") - plain.count("Max") == 1 and ops.count("Min") - plain.count("Min") == 1
+        # --embedding ple: the best candidate of all is exported (the rule is auto's)
+        from training.engine import monitor
+        cv = card["training"]["cross_validation"]
+        metric, higher = monitor(card["task"])
+        scores = [c[metric] for c in cv["candidates"].values()]
+        assert "encoding" not in cv and cv["metrics"][metric] == (max(scores) if higher else min(scores))
     nets = [m for m in result.trained.net.modules() if isinstance(m, TabularNet)]
     # the networks (and a linear model asked for) take the encoding; the linear candidate does not
     assert nets and all((m.embed is not None) == (len(m.body) > 1 or not extra.get("folds")) for m in nets)

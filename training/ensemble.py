@@ -154,7 +154,8 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
         seconds += linear.progress.elapsed
     if len(candidates) == 1:
         return candidates[name]
-    chosen, encoding = _choice(candidates, task, len(folds))
+    chosen, encoding = (_choice(candidates, task, len(folds)) if len(embeddings) > 1 else
+                        (_best(list(candidates), candidates, task), None))
     picked = candidates[chosen]
     picked.progress.elapsed = seconds
     picked.cross_validation = {**picked.cross_validation, "chosen": chosen, "candidates": {
@@ -173,17 +174,16 @@ def _best(names: list[str], candidates: dict[str, engine.Trained], task: str) ->
     return best
 
 
-def _choice(candidates: dict[str, engine.Trained], task: str, n_folds: int) -> tuple[str, dict | None]:
-    """The best plain candidate, unless the best encoded one beats it on the folds by more than one
-    standard error of their per-fold difference (the one-standard-error rule: Hastie, Tibshirani,
-    Friedman, The Elements of Statistical Learning, 7.10). An encoded network costs several times
-    a plain one to serve (docs/benchmarks.md, section 12), so a gain within the folds' noise does
-    not buy it. Returns the name and, where both kinds were judged, the encoded one's gain per fold
-    and its standard error (in the monitored metric, positive: the encoded one is better)."""
+def _choice(candidates: dict[str, engine.Trained], task: str, n_folds: int) -> tuple[str, dict]:
+    """--embedding auto: the best plain candidate, unless the best encoded one beats it on the
+    folds by more than one standard error of their per-fold difference (the one-standard-error
+    rule: Hastie, Tibshirani, Friedman, The Elements of Statistical Learning, 7.10). An encoded
+    network costs several times a plain one to serve (docs/benchmarks.md, section 12), so a gain
+    within the folds' noise does not buy it. (With --embedding ple or none the best candidate of
+    all is exported.) Returns the name, and the encoded one's gain per fold and its standard error
+    (in the monitored metric; positive: the encoded one is better)."""
     plain = [n for n in candidates if not n.startswith("ple")]
     encoded = [n for n in candidates if n.startswith("ple")]
-    if not encoded or not plain:
-        return _best(list(candidates), candidates, task), None
     p, e = _best(plain, candidates, task), _best(encoded, candidates, task)
     metric, higher = engine.monitor(task)
     # members[i]: fold i's network (in a blend, its figure as half of the blend), or linear model
