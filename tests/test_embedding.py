@@ -207,6 +207,8 @@ def test_auto_exports_the_candidate_that_cross_validates_best_with_or_without_th
         same = [c for name, c in candidates.items() if name.startswith("ple") == (kind == "encoded")]
         assert all(candidates[e[kind]]["rmse"] <= c["rmse"] for c in same)
     assert cv["chosen"] == (e["encoded"] if e["gain"] > e["se"] else e["plain"])
+    from training.report import summary
+    assert f"standard error {e['se']:.4f}), so {cv['chosen']} " in summary(result.card, result.model_dir, None)
     assert e["gain"] == pytest.approx(candidates[e["plain"]]["rmse"] - candidates[e["encoded"]]["rmse"],
                                       abs=1e-3)  # (folds of nearly equal size: about their mean)
     encodes = any(isinstance(m, PiecewiseEncoding) for m in result.trained.net.modules())

@@ -126,9 +126,8 @@ def summary(card: dict, model_dir, tag: str | None) -> str:
             rows.append(("chosen", f"{cv['chosen']} (cross-val. {metric}: " + ", ".join(
                 f"{name} {v[metric]:.4f}" for name, v in others.items()) + ")"))
         if e := cv.get("encoding"):
-            kept = e["encoded"] if cv["chosen"] == e["encoded"] else e["plain"]
             rows.append(("encoding", f"{e['encoded']} over {e['plain']}: {e['gain']:+.4f} {metric} "
-                         f"a fold (+ is better; standard error {e['se']:.4f}), so {kept} "
+                         f"a fold (+ is better; standard error {e['se']:.4f}), so {cv['chosen']} "
                          "(the encoding has to gain more than one standard error)"))
     if d := t.get("distributed"):
         rows.append(("processes", f"{d['world_size']} ranks ({d['backend']}), {d['batch_per_rank']} "
