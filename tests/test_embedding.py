@@ -31,6 +31,20 @@ def test_a_value_is_ones_below_its_bin_its_fraction_in_it_and_zeros_above():
     np.testing.assert_allclose(encode(ple, [[2.0, 5.0, 7.0, 0.0]]), [[1, 0.5, 0, 0, 7, 0]])
 
 
+def test_a_wide_table_encodes_as_a_narrow_one_does(monkeypatch):
+    """Over PiecewiseEncoding.SPREAD_MAX_COLUMNS columns the bins are fetched with a Gather instead
+    of one matrix product (whose size grows with columns x bins): the same numbers."""
+    rng = np.random.default_rng(0)
+    n = PiecewiseEncoding.SPREAD_MAX_COLUMNS + 6
+    edges = [np.unique(np.quantile(rng.normal(size=200), np.linspace(0, 1, 9))) for _ in range(n)]
+    X = rng.normal(size=(50, n + 2)) * 3  # two pass-through columns after them
+    wide = PiecewiseEncoding(edges)
+    monkeypatch.setattr(PiecewiseEncoding, "SPREAD_MAX_COLUMNS", n)
+    narrow = PiecewiseEncoding(edges)
+    assert not wide.spread_form and narrow.spread_form
+    np.testing.assert_allclose(encode(wide, X), encode(narrow, X), atol=1e-5)
+
+
 def test_the_bins_come_from_the_normalized_training_rows_only():
     rng = np.random.default_rng(0)
     train, other = rng.lognormal(3, 1, (500, 3)), rng.normal(1e6, 1, (500, 3))

@@ -92,9 +92,13 @@ class PiecewiseEncoding(nn.Module):
     column of a few values costs the first layer no more than it needs. Other columns (a mixed
     table's one-hot ones) pass through after them. Fixed buffers: plain graph arithmetic.
 
-    Each bin's (x - e_t) / width is one matrix product, x @ spread + shift (spread: [columns, bins],
-    each bin's 1 / width in its column's row): in onnxruntime a Gemm, where fetching each bin's
-    column with a Gather took 0.45 ms for 1000 rows of 9 columns (2026-12-07)."""
+    Each bin's (x - e_t) / width: for up to SPREAD_MAX_COLUMNS columns one matrix product,
+    x @ spread + shift (spread: [columns, bins], each bin's 1 / width in its column's row), a Gemm
+    in onnxruntime, where fetching each bin's column with a Gather took 0.45 ms for 1000 rows of 9
+    columns (2026-12-07); for more, that Gather, since spread grows with columns x bins (2,000
+    columns: a 265 MB graph)."""
+
+    SPREAD_MAX_COLUMNS = 64
 
     def __init__(self, edges: list[np.ndarray]):
         super().__init__()
@@ -107,14 +111,19 @@ class PiecewiseEncoding(nn.Module):
             low += [-np.inf] + [0.0] * (m - 1)
             high += [1.0] * (m - 1) + [np.inf]
         inv_width = 1 / np.asarray(width, dtype=np.float64)
-        spread = np.zeros((len(edges), len(feature)))
-        spread[feature, np.arange(len(feature))] = inv_width
-        for name, value in (("spread", spread), ("shift", -np.asarray(left) * inv_width),
+        self.n, self.spread_form = len(edges), len(edges) <= self.SPREAD_MAX_COLUMNS
+        if self.spread_form:
+            scale = np.zeros((len(edges), len(feature)))
+            scale[feature, np.arange(len(feature))] = inv_width
+        else:
+            scale = inv_width
+            self.register_buffer("feature", torch.as_tensor(feature, dtype=torch.long))  # each bin's column
+        for name, value in (("scale", scale), ("shift", -np.asarray(left) * inv_width),
                             ("low", low), ("high", high)):
             self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32))
-        self.n = len(edges)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., columns] (stacked members: [k, rows, columns])
         numeric = x if self.n == x.shape[-1] else x[..., :self.n]
-        encoded = torch.minimum(torch.maximum(numeric @ self.spread + self.shift, self.low), self.high)
+        scaled = numeric @ self.scale if self.spread_form else numeric.index_select(-1, self.feature) * self.scale
+        encoded = torch.minimum(torch.maximum(scaled + self.shift, self.low), self.high)
         return encoded if self.n == x.shape[-1] else torch.cat([encoded, x[..., self.n:]], dim=-1)
