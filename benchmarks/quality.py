@@ -137,6 +137,12 @@ def graph_feeds(card: dict, frame: pd.DataFrame) -> dict[str, np.ndarray]:
     return {card["input"]: frame[card["feature_names"]].to_numpy(np.float32)}
 
 
+def chosen(cross_validation: dict | None) -> dict:
+    """What the folds exported, and the encoding's gain and standard error (None without them)."""
+    cv = cross_validation or {}
+    return {"chosen": cv.get("chosen"), "encoding": cv.get("encoding")}
+
+
 def project_cli(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, seed: int,
                 options: list[str], tmp: Path) -> dict:
     import onnxruntime as ort
@@ -161,8 +167,7 @@ def project_cli(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str,
         metric = score(task, test[target], out[0])
     return {"metric": metric, "seconds": wall, "train_seconds": card["training"]["seconds"],
             "epochs": card["training"]["epochs_run"],
-            "chosen": (card["training"].get("cross_validation") or {}).get("chosen"),
-            "encoding": (card["training"].get("cross_validation") or {}).get("encoding")}
+            **chosen(card["training"].get("cross_validation"))}
 
 
 def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str, seed: int,
@@ -192,8 +197,7 @@ def project_fast(train: pd.DataFrame, test: pd.DataFrame, target: str, task: str
         metric = score(task, test[target], out.squeeze(-1).numpy() * data.y_scale + data.y_mean)
     return {"metric": metric, "seconds": time.perf_counter() - started,
             "train_seconds": trained.progress.elapsed, "epochs": len(trained.progress.history),
-            "chosen": (trained.cross_validation or {}).get("chosen"),
-            "encoding": (trained.cross_validation or {}).get("encoding")}
+            **chosen(trained.cross_validation)}
 
 
 def parse_settings(items: list[str]) -> dict:

@@ -5,7 +5,7 @@ against each table's noise?
     python -m benchmarks.quality --fast --out screen-se
     python -m benchmarks.quality_compare screen-none screen-se      # before, after
 
-Per table (the same tables and seeds in both): each run's mean over the seeds, the change, the
+Per table (the same tables and seeds in both, in the same order): each run's mean over the seeds, the change, the
 standard error of the first run's seed mean (se; a loss is also given in se), each run's gap to the
 better baseline (HistGradientBoosting or the linear model, their means over the same seeds) and
 what the second run's folds exported, per seed. Prints the table as Markdown, then how many tables
@@ -21,28 +21,24 @@ import json
 
 import numpy as np
 
-from benchmarks.quality import RESULTS, TREES
+from benchmarks.quality import RESULTS, TREES, summarize
 
 
-def by_table(name: str) -> dict[str, list[dict]]:
-    runs = collections.defaultdict(list)
-    for run in json.loads((RESULTS / f"{name}.json").read_text())["runs"]:
-        runs[run["table"]].append(run)
-    return runs
+def runs_of(name: str) -> list[dict]:
+    return json.loads((RESULTS / f"{name}.json").read_text())["runs"]
 
 
-def compare(before: dict[str, list[dict]], after: dict[str, list[dict]]) -> list[dict]:
+def compare(before: list[dict], after: list[dict]) -> list[dict]:
+    """Per table: both runs' means and gaps (quality.summarize), the change, the first run's se."""
     rows = []
-    for table, runs in before.items():
-        first = np.array([r["project"]["metric"] for r in runs])
-        second = np.array([r["project"]["metric"] for r in after[table]])
-        best = max(np.mean([r["hgb"]["metric"] for r in runs]), np.mean([r["linear"]["metric"] for r in runs]))
-        chosen = collections.Counter(r["project"].get("chosen") or "one candidate" for r in after[table])
-        rows.append({"table": table, "seeds": len(first), "before": float(first.mean()),
-                     "after": float(second.mean()), "change": float(second.mean() - first.mean()),
+    for old, new in zip(summarize(before), summarize(after)):
+        first = np.array([r["project"]["metric"] for r in before if r["table"] == old["table"]])
+        chosen = collections.Counter(r["project"].get("chosen") or "one candidate"
+                                     for r in after if r["table"] == old["table"])
+        rows.append({"table": old["table"], "seeds": len(first), "before": old["project"]["mean"],
+                     "after": new["project"]["mean"], "change": new["project"]["mean"] - old["project"]["mean"],
                      "se": float(first.std(ddof=1) / np.sqrt(len(first))),
-                     "gap_before": float(first.mean() - best), "gap_after": float(second.mean() - best),
-                     "chosen": dict(chosen.most_common())})
+                     "gap_before": old["gap"], "gap_after": new["gap"], "chosen": dict(chosen.most_common())})
     return rows
 
 
@@ -83,9 +79,9 @@ def main() -> None:
     parser.add_argument("before", help="a result name under benchmarks/results (no .json)")
     parser.add_argument("after")
     args = parser.parse_args()
-    before, after = by_table(args.before), by_table(args.after)
-    if missing := sorted(set(before) - set(after)):
-        raise SystemExit(f"{args.after} lacks tables that {args.before} has: {', '.join(missing)}")
+    before, after = runs_of(args.before), runs_of(args.after)
+    if {(r["table"], r["seed"]) for r in before} != {(r["table"], r["seed"]) for r in after}:
+        raise SystemExit(f"{args.before} and {args.after} hold other tables or seeds: compare like with like")
     rows = compare(before, after)
     print(markdown(rows))
     trees = {name for _, name, _ in TREES}

@@ -161,16 +161,17 @@ def test_two_benchmark_runs_compare_table_by_table_against_the_first_runs_noise(
     from benchmarks.quality_compare import compare, markdown
 
     def run(table, seed, project, chosen=None):
-        return {"table": table, "seed": seed, "project": {"metric": project, "chosen": chosen},
-                "hgb": {"metric": 0.5}, "linear": {"metric": 0.4}}
-    before = {"t": [run("t", s, m) for s, m in enumerate([0.40, 0.50, 0.60])]}
-    after = {"t": [run("t", s, m, c) for s, (m, c) in enumerate([(0.50, "ple network"), (0.50, "network"),
-                                                                  (0.50, "ple network")])]}
+        return {"table": table, "task": "regression", "rows": 100, "seed": seed,
+                "project": {"metric": project, "chosen": chosen, "seconds": 1.0},
+                "hgb": {"metric": 0.5, "seconds": 0.1}, "linear": {"metric": 0.4, "seconds": 0.1}}
+    before = [run("t", s, m) for s, m in enumerate([0.40, 0.50, 0.60])]
+    after = [run("t", s, m, c) for s, (m, c) in enumerate([(0.50, "ple network"), (0.50, "network"),
+                                                           (0.50, "ple network")])]
     (row,) = compare(before, after)
     assert row["before"] == pytest.approx(0.5) and row["change"] == pytest.approx(0.0, abs=1e-12)
     assert row["se"] == pytest.approx(0.1 / np.sqrt(3))  # std 0.1 over 3 seeds
     assert row["gap_before"] == pytest.approx(0.0) and row["chosen"] == {"ple network": 2, "network": 1}
-    after["t"][0]["project"]["metric"] = 0.2  # mean 0.4: a loss of 0.1, 1.7 se
+    after[0]["project"]["metric"] = 0.2  # mean 0.4: a loss of 0.1, 1.7 se
     assert "-0.1000 (1.7 se)" in markdown(compare(before, after))
 
 
