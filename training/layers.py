@@ -93,10 +93,10 @@ class PiecewiseEncoding(nn.Module):
     table's one-hot ones) pass through after them. Fixed buffers: plain graph arithmetic.
 
     Each bin's (x - e_t) / width: for up to SPREAD_MAX_COLUMNS columns one matrix product,
-    x @ spread + shift (spread: [columns, bins], each bin's 1 / width in its column's row), a Gemm
-    in onnxruntime, where fetching each bin's column with a Gather took 0.45 ms for 1000 rows of 9
-    columns (2026-12-07); for more, that Gather, since spread grows with columns x bins (2,000
-    columns: a 265 MB graph)."""
+    x @ scale + shift (scale: [columns, bins], each bin's 1 / width in its column's row), a Gemm in
+    onnxruntime, where fetching each bin's column with a Gather took 0.43-0.48 ms for 1000 rows of
+    9 columns (2026-12-07, three profiles); for more columns that Gather, since the matrix grows
+    with columns x bins (2,000 columns: a 265 MB graph)."""
 
     SPREAD_MAX_COLUMNS = 64
 
