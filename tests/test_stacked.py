@@ -43,8 +43,9 @@ def test_each_member_trains_as_its_own_run_would(tmp_path, embedding):
     # padded: member i must end where engine.train on fold i (seed + i) ends.
     cfg, folds = _folds(tmp_path, 400, 5, epochs=6, patience=0, embedding=embedding)
     assert len({len(f.split.y_train) for f in folds}) == 1
-    members, seconds, blend = stacked.train(cfg, folds, World())
-    assert blend is None  # no partner
+    (bag,), seconds = stacked.train(cfg, folds, World())
+    members = bag.members
+    assert bag.blend is None  # no partner
     assert seconds > 0
     for i, (member, fold) in enumerate(zip(members, folds)):
         alone = engine.train(dataclasses.replace(cfg, seed=cfg.seed + i), fold, World(), checkpoints=False)
@@ -64,7 +65,7 @@ def test_each_member_trains_as_its_own_run_would(tmp_path, embedding):
 def test_each_member_keeps_its_own_best_epoch_and_stops_on_its_own(tmp_path, scheduler):
     # 3 folds of 400 rows: 134, 133 and 133 validation rows, so members differ in size.
     cfg, folds = _folds(tmp_path, 400, 3, epochs=40, patience=4, scheduler=scheduler)
-    members, _, _ = stacked.train(cfg, folds, World())
+    members = stacked.train(cfg, folds, World())[0][0].members
     for member, fold in zip(members, folds):
         p = member.progress
         # The exported weights are the member's best epoch: they score its fold as recorded then.
@@ -77,7 +78,8 @@ def test_each_member_keeps_its_own_best_epoch_and_stops_on_its_own(tmp_path, sch
 
 def test_lr_auto_sweeps_a_copy_of_the_first_member_and_sets_every_members_rate(tmp_path):
     cfg, folds = _folds(tmp_path, 400, 3, epochs=2, patience=0, lr="auto")
-    members, _, _ = stacked.train(cfg, folds, World())
+    bags, _ = stacked.train(cfg, folds, World(), embeddings=("none", "ple"))
+    members = [m for bag in bags for m in bag.members]
     sweep = members[0].progress.lr_sweep
     assert sweep and sweep["lrs"][0] < sweep["suggestion"] < sweep["lrs"][-1]
     assert all(m.progress.lr == sweep["suggestion"] for m in members)
@@ -86,10 +88,12 @@ def test_lr_auto_sweeps_a_copy_of_the_first_member_and_sets_every_members_rate(t
 
 def test_beside_a_partner_each_member_keeps_its_best_epoch_in_the_blend_too(tmp_path):
     cfg, folds = _folds(tmp_path, 400, 3, epochs=40, patience=4)
-    linear, _, _ = stacked.train(dataclasses.replace(cfg, hidden=[]), folds, World())
-    partner = [engine.predict(m.net, engine.tensors(f, "validation", "cpu")[0]) for m, f in zip(linear, folds)]
-    members, _, blend = stacked.train(cfg, folds, World(), partner)
-    alone, _, _ = stacked.train(cfg, folds, World())
+    (linear,), _ = stacked.train(dataclasses.replace(cfg, hidden=[]), folds, World())
+    partner = [engine.predict(m.net, engine.tensors(f, "validation", "cpu")[0]) for m, f in
+               zip(linear.members, folds)]
+    (bag,), _ = stacked.train(cfg, folds, World(), partner)
+    members, blend = bag.members, bag.blend
+    alone = stacked.train(cfg, folds, World())[0][0].members
     for i, (member, fold) in enumerate(zip(members, folds)):
         X, y = engine.tensors(fold, "validation", "cpu")
         # The partner only adds a record: the member trains as it does without one (for longer,
@@ -109,6 +113,28 @@ def test_beside_a_partner_each_member_keeps_its_best_epoch_in_the_blend_too(tmp_
         assert last == 40 or last >= max(member.progress.best_epoch, blend["epochs"][i]) + 4
         best_alone = engine.metrics_of(engine.predict(member.net, X), y, "classification")
         assert best_alone == pytest.approx(member.progress.best, abs=1e-6)
+
+
+def test_bags_trained_together_train_as_bags_of_their_own(tmp_path):
+    # --embedding auto: the plain and the encoded bag in the same steps, beside a partner. Each
+    # member's history, best epochs (alone and blended) and weights are those of its own bag's run.
+    cfg, folds = _folds(tmp_path, 400, 3, epochs=12, patience=3)
+    (linear,), _ = stacked.train(dataclasses.replace(cfg, hidden=[]), folds, World())
+    partner = [engine.predict(m.net, engine.tensors(f, "validation", "cpu")[0]) for m, f in
+               zip(linear.members, folds)]
+    together, _ = stacked.train(cfg, folds, World(), partner, embeddings=("none", "ple"))
+    for embedding, bag in zip(("none", "ple"), together):
+        (alone,), _ = stacked.train(dataclasses.replace(cfg, embedding=embedding), folds, World(), partner)
+        for ours, theirs in zip(bag.members, alone.members):
+            # Together a member may run longer (until every member of both bags is out of patience).
+            n = len(theirs.progress.history)
+            np.testing.assert_allclose([h["val_loss"] for h in ours.progress.history[:n]],
+                                       [h["val_loss"] for h in theirs.progress.history], rtol=1e-3)
+            assert ours.progress.best_epoch == theirs.progress.best_epoch
+            assert (ours.net.embed is None) == (embedding == "none")
+            for name, value in theirs.net.state_dict().items():
+                torch.testing.assert_close(ours.net.state_dict()[name], value, atol=1e-4, rtol=1e-3)
+        assert bag.blend["epochs"] == alone.blend["epochs"]
 
 
 def copy_of(net: nn.Module, state: dict) -> nn.Module:

@@ -132,22 +132,20 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     embeddings = ("none", "ple") if cfg.embedding == "auto" and tabular else (cfg.embedding,)
     linear = partner = None
     if cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS and tabular:
-        linear, _ = _bag(dataclasses.replace(cfg, hidden=[], embedding="none"), folds, world)  # plain inputs
+        [(linear, _)], _ = _bags(dataclasses.replace(cfg, hidden=[], embedding="none"), folds, world)  # plain inputs
         if stacked.applies(folds[0], world):  # each linear model's outputs on its own fold
             partner = [engine.predict(m, engine.tensors(f, "validation", "cpu")[0]).to(world.device)
                        for m, f in zip(linear.net.members, folds)]
-    candidates: dict[str, engine.Trained] = {}
-    seconds = 0.0  # every bag's training
-    for embedding in embeddings:
-        name = "network" if embedding == "none" else f"{embedding} network"
-        networks, blend = _bag(dataclasses.replace(cfg, embedding=embedding), folds, world, partner)
-        if world.main:
-            candidates[name], seconds = networks, seconds + networks.progress.elapsed
-            if linear is not None:
-                candidates[f"{name} + linear"] = _blended(networks, linear, blend, folds, task,
-                                                          cfg.fold_repeats)
+    bags, seconds = _bags(cfg, folds, world, partner, embeddings)  # seconds: every bag's training
     if not world.main:
         return None
+    candidates: dict[str, engine.Trained] = {}
+    for embedding, (networks, blend) in zip(embeddings, bags):
+        name = "network" if embedding == "none" else f"{embedding} network"
+        candidates[name] = networks
+        if linear is not None:
+            candidates[f"{name} + linear"] = _blended(networks, linear, blend, folds, task,
+                                                      cfg.fold_repeats)
     if linear is not None:
         candidates["linear"] = dataclasses.replace(
             linear, members=[{**m, "linear": True} for m in linear.members])
@@ -217,23 +215,32 @@ def _blended(networks: engine.Trained, linear: engine.Trained, blend: dict | Non
                                cross_validation=both)
 
 
-def _bag(cfg, folds: list[Data], world: World, partner: list[torch.Tensor] | None = None
-         ) -> tuple[engine.Trained | None, dict | None]:
-    """The fold networks, combined; and beside a partner, their blends' best epochs (stacked.train)."""
-    blend = None
+def _bags(cfg, folds: list[Data], world: World, partner: list[torch.Tensor] | None = None,
+          embeddings: tuple[str, ...] | None = None) -> tuple[list[tuple], float]:
+    """The fold networks, one bag per embedding (default: cfg.embedding's), each combined, and
+    beside a partner, its blends' best epochs (stacked.train: every bag at once); and the seconds
+    they all took to train (every rank but the first: Nones)."""
+    embeddings = embeddings or (cfg.embedding,)
     if stacked.applies(folds[0], world):
-        members, seconds, blend = stacked.train(cfg, folds, world, partner)  # all folds at once
+        trained, seconds = stacked.train(cfg, folds, world, partner, embeddings)  # all folds at once
     else:
-        members, seconds = _one_by_one(cfg, folds, world)
+        trained, seconds = [], 0.0
+        for embedding in embeddings:
+            members, more = _one_by_one(dataclasses.replace(cfg, embedding=embedding), folds, world)
+            trained.append(stacked.Bag(members))
+            seconds += more
     if not world.main:
-        return None, None
+        return [(None, None)] * len(embeddings), seconds
     k, repeats = len(folds) // cfg.fold_repeats, cfg.fold_repeats
-    described = [{"fold": i % k + 1, **({"repeat": i // k + 1} if repeats > 1 else {}),
-                  "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
-                  "validation": m.progress.best} for i, (m, fold) in enumerate(zip(members, folds))]
-    combined = _combined(members, seconds, described, refit=False)
-    combined.cross_validation = cross_validation(described, repeats)
-    return combined, blend
+    out = []
+    for bag in trained:
+        described = [{"fold": i % k + 1, **({"repeat": i // k + 1} if repeats > 1 else {}),
+                      "seed": cfg.seed + i, "validation_rows": len(fold.split.y_val),
+                      "validation": m.progress.best} for i, (m, fold) in enumerate(zip(bag.members, folds))]
+        combined = _combined(bag.members, seconds, described, refit=False)
+        combined.cross_validation = cross_validation(described, repeats)
+        out.append((combined, bag.blend))
+    return out, seconds
 
 
 def _one_by_one(cfg, folds: list[Data], world: World) -> tuple[list, float]:
