@@ -175,6 +175,16 @@ def test_two_benchmark_runs_compare_table_by_table_against_the_first_runs_noise(
     assert "-0.1000 (1.7 se)" in markdown(compare(before, after))
 
 
+def test_the_wall_ratio_is_the_ratio_of_each_recipes_median_run(tmp_path):
+    """benchmarks/wall_ratio.py: per table, the default's median seconds over the other's."""
+    from benchmarks.wall_ratio import plot, spread, summary
+    row = summary("t", default=[3.0, 9.0, 4.0], other=[2.0, 2.5, 8.0])
+    assert row["ratio"] == pytest.approx(4.0 / 2.5)
+    assert spread(row["default"]) == "3.0 / 4.0 / 9.0"
+    plot([row], {"embedding": "none"}, tmp_path / "w.png")
+    assert (tmp_path / "w.png").stat().st_size > 0
+
+
 def test_two_torchrun_ranks_share_the_fitted_bins_and_write_one_model(tmp_path):
     import json
 
