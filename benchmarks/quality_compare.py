@@ -86,11 +86,14 @@ def main() -> None:
     print(markdown(rows))
     trees = {name for _, name, _ in TREES}
     within = [sum(r[k] >= -0.005 for r in rows) for k in ("gap_before", "gap_after")]
-    tree_gaps = [float(np.mean([r[k] for r in rows if r["table"] in trees])) for k in ("gap_before", "gap_after")]
+    tree_rows = [r for r in rows if r["table"] in trees]
+    tree_gaps = [float(np.mean([r[k] for r in tree_rows])) for k in ("gap_before", "gap_after")] \
+        if tree_rows else None
     lost = [r["table"] for r in rows if r["change"] < -r["se"]]
     print(f"\nwithin 0.005 of the better baseline: {within[0]} -> {within[1]} of {len(rows)} tables; "
-          f"mean gap where trees win: {tree_gaps[0]:+.4f} -> {tree_gaps[1]:+.4f}; "
-          f"worse by more than one se: {', '.join(lost) or 'none'}")
+          "mean gap where trees win: " + (f"{tree_gaps[0]:+.4f} -> {tree_gaps[1]:+.4f}" if tree_rows
+                                          else "none of quality.TREES in these runs") +
+          f"; worse by more than one se: {', '.join(lost) or 'none'}")
     name = f"compare-{args.before}-{args.after}"
     (RESULTS / f"{name}.json").write_text(json.dumps(
         {"before": args.before, "after": args.after, "tables": rows, "within": within,
