@@ -5,8 +5,8 @@
 
 For each table of the suite (benchmarks/quality.py), seed 0's 80% file is trained by
 `python -m training.fit` (a subprocess: imports, data, training and export, what a user waits
-for), once with the defaults and once with `--set`'s options, alternating, `--rounds` times; run
-it with nothing else on the machine. Prints min / median / max seconds per table and the ratio of
+for), once with the defaults and once with `--set`'s options, `--rounds` times, each recipe first
+in every other round; run it with nothing else on the machine. Prints min / median / max seconds per table and the ratio of
 the medians, and their median over the tables; writes benchmarks/results/wall_ratio.json and .png.
 """
 from __future__ import annotations
@@ -42,7 +42,8 @@ def main() -> None:
     seconds = {(name, r): [] for name, *_ in files for r in recipes}
     for round_ in range(args.rounds):
         for name, target, task, train, test in files:
-            for recipe, options in recipes.items():
+            order = list(recipes.items())
+            for recipe, options in (order if round_ % 2 == 0 else order[::-1]):  # each goes first in turn
                 with tempfile.TemporaryDirectory() as tmp:
                     run = project_cli(train, test, target, task, 0, options, Path(tmp))
                 seconds[name, recipe].append(run["seconds"])

@@ -83,7 +83,9 @@ def test_lr_auto_sweeps_a_copy_of_the_first_member_and_sets_every_members_rate(t
     sweep = members[0].progress.lr_sweep
     assert sweep and sweep["lrs"][0] < sweep["suggestion"] < sweep["lrs"][-1]
     assert all(m.progress.lr == sweep["suggestion"] for m in members)
-    assert all(m.progress.lr_sweep is None for m in members[1:])
+    for bag in bags:  # each bag's record carries the sweep once (the card of whichever is exported)
+        assert bag.members[0].progress.lr_sweep is sweep
+        assert all(m.progress.lr_sweep is None for m in bag.members[1:])
 
 
 def test_beside_a_partner_each_member_keeps_its_best_epoch_in_the_blend_too(tmp_path):
@@ -115,22 +117,23 @@ def test_beside_a_partner_each_member_keeps_its_best_epoch_in_the_blend_too(tmp_
         assert best_alone == pytest.approx(member.progress.best, abs=1e-6)
 
 
-def test_bags_trained_together_train_as_bags_of_their_own(tmp_path):
-    # --embedding auto: the plain and the encoded bag in the same steps, beside a partner. Each
-    # member's history, best epochs (alone and blended) and weights are those of its own bag's run.
-    cfg, folds = _folds(tmp_path, 400, 3, epochs=12, patience=3)
-    (linear,), _ = stacked.train(dataclasses.replace(cfg, hidden=[]), folds, World())
+@pytest.mark.parametrize("linear_skip", [False, True])
+def test_bags_trained_together_train_as_bags_of_their_own(tmp_path, linear_skip):
+    # --embedding auto: the plain and the encoded bag in the same steps, beside a plain linear
+    # partner. Each member's history, best epochs (alone and blended), weights and sweep record are
+    # those of its own bag's run.
+    cfg, folds = _folds(tmp_path, 400, 3, epochs=12, patience=3, linear_skip=linear_skip)
+    (linear,), _ = stacked.train(dataclasses.replace(cfg, hidden=[], embedding="none"), folds, World())
     partner = [engine.predict(m.net, engine.tensors(f, "validation", "cpu")[0]) for m, f in
                zip(linear.members, folds)]
     together, _ = stacked.train(cfg, folds, World(), partner, embeddings=("none", "ple"))
     for embedding, bag in zip(("none", "ple"), together):
         (alone,), _ = stacked.train(dataclasses.replace(cfg, embedding=embedding), folds, World(), partner)
         for ours, theirs in zip(bag.members, alone.members):
-            # Together a member may run longer (until every member of both bags is out of patience).
-            n = len(theirs.progress.history)
-            np.testing.assert_allclose([h["val_loss"] for h in ours.progress.history[:n]],
+            np.testing.assert_allclose([h["val_loss"] for h in ours.progress.history],
                                        [h["val_loss"] for h in theirs.progress.history], rtol=1e-3)
             assert ours.progress.best_epoch == theirs.progress.best_epoch
+            assert ours.stopped_early == theirs.stopped_early
             assert (ours.net.embed is None) == (embedding == "none")
             for name, value in theirs.net.state_dict().items():
                 torch.testing.assert_close(ours.net.state_dict()[name], value, atol=1e-4, rtol=1e-3)

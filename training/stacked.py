@@ -157,12 +157,12 @@ def train(cfg, folds: list[Data], world, partner: list[torch.Tensor] | None = No
           embeddings: tuple[str, ...] | None = None) -> tuple[list[Bag], float]:
     """Train one network per fold (member i: seed cfg.seed + i, trained on fold i's training rows,
     stopped early on its validation rows), one bag of them per embedding in `embeddings` (default:
-    cfg.embedding's); returns each bag, its members as engine.train would return them, and the
+    the one cfg fits); returns each bag, its members as engine.train would return them, and the
     training seconds of them all. Given a `partner` (per fold, another model's outputs on that
     fold's validation rows: the linear bag's), a bag also has each member's best epoch as half of a
     blend with its partner, found the same way as its own (Bag.blend). A member stops when its
     patience has run out both alone and blended; the run, when every member of every bag has."""
-    embeddings = embeddings or (cfg.embedding,)
+    embeddings = embeddings or (cfg.fitted_embedding(),)
     k, data, device = len(folds), folds[0], world.device
     task = data.table.task
     n_out = len(data.table.classes) if task == "classification" else 1
@@ -214,13 +214,14 @@ def train(cfg, folds: list[Data], world, partner: list[torch.Tensor] | None = No
                                       cfg.momentum)
     metric, higher = engine.monitor(task)
     schedule = LRSchedule(cfg.scheduler, optimizer, lr, cfg.epochs, steps, cfg.patience, higher)
-    progress = [Progress(lr=lr, lr_sweep=sweep if m == 0 else None) for m in range(len(nets))]
+    # the sweep on each bag's first member's record (the rate is the first plain network's)
+    progress = [Progress(lr=lr, lr_sweep=sweep if m % k == 0 else None) for m in range(len(nets))]
     blends = [Progress() for _ in nets] if partner is not None else None
     running = list(range(len(nets)))  # members whose patience has not run out (alone and blended)
     version = world.share(engine.new_version)
     started = time.perf_counter()
-    kind = f"{k} linear models" if not cfg.hidden else " and ".join(
-        f"{k} {'' if e == 'none' else e + ' '}networks" for e in embeddings)
+    kind = " and ".join(f"{k} {'' if e == 'none' else e + ' '}{'networks' if cfg.hidden else 'linear models'}"
+                        for e in embeddings)
     bar = tqdm(range(cfg.epochs), desc=f"train {cfg.model_name} ({kind}, one per fold)",
                unit="epoch", disable=not cfg.progress, file=sys.stderr)
     for epoch in bar:
