@@ -132,11 +132,11 @@ def _folds(cfg, data: Data, world: World) -> engine.Trained | None:
     embeddings = ("none", "ple") if cfg.embedding == "auto" and tabular else (cfg.embedding,)
     linear = partner = None
     if cfg.linear_candidate and cfg.hidden and pooled_rows <= LINEAR_CANDIDATE_MAX_ROWS and tabular:
-        [(linear, _)], _ = _bags(dataclasses.replace(cfg, hidden=[], embedding="none"), folds, world)  # plain inputs
+        [(linear, _)], _ = _bags(dataclasses.replace(cfg, hidden=[]), folds, world, ("none",))  # plain inputs
         if stacked.applies(folds[0], world):  # each linear model's outputs on its own fold
             partner = [engine.predict(m, engine.tensors(f, "validation", "cpu")[0]).to(world.device)
                        for m, f in zip(linear.net.members, folds)]
-    bags, seconds = _bags(cfg, folds, world, partner, embeddings)  # seconds: every bag's training
+    bags, seconds = _bags(cfg, folds, world, embeddings, partner)  # seconds: every bag's training
     if not world.main:
         return None
     candidates: dict[str, engine.Trained] = {}
@@ -215,12 +215,11 @@ def _blended(networks: engine.Trained, linear: engine.Trained, blend: dict | Non
                                cross_validation=both)
 
 
-def _bags(cfg, folds: list[Data], world: World, partner: list[torch.Tensor] | None = None,
-          embeddings: tuple[str, ...] | None = None) -> tuple[list[tuple], float]:
-    """The fold networks, one bag per embedding (default: cfg.embedding's), each combined, and
-    beside a partner, its blends' best epochs (stacked.train: every bag at once); and the seconds
-    they all took to train (every rank but the first: Nones)."""
-    embeddings = embeddings or (cfg.embedding,)
+def _bags(cfg, folds: list[Data], world: World, embeddings: tuple[str, ...],
+          partner: list[torch.Tensor] | None = None) -> tuple[list[tuple], float]:
+    """The fold networks, one bag per embedding, each combined, and beside a partner, its blends'
+    best epochs (stacked.train: every bag at once); and the seconds they all took to train (every
+    rank but the first: Nones)."""
     if stacked.applies(folds[0], world):
         trained, seconds = stacked.train(cfg, folds, world, partner, embeddings)  # all folds at once
     else:
